@@ -1,0 +1,111 @@
+"""Model prompt templates, selected by ``--model_template_type``.
+
+``Templates`` holds RULER's fixed templates (NVIDIA/RULER scripts/data/template.py, plus the
+``llama-3`` and ``glm-4`` entries of SeerAttention's fork): a string with one ``{task_template}``
+slot that wraps the task's prompt. RULER appends the task's answer prefix right after the
+wrapped prompt; the prefix is stored as its own field and the server appends it at prediction
+time, so the model sees ``template(task) + answer_prefix``.
+
+``chat`` (this project's addition) uses the tokenizer's own chat template instead: the task's
+prompt is the user turn, the rendered text ends with the generation prompt (the assistant tag),
+and the answer prefix comes after it, in the assistant turn. With SmolLM2 at 1K tokens the
+prefix inside the user turn got 0/3 niah answers (the model echoed it), after the assistant tag
+3/3. ``chat`` is the default when the tokenizer has a chat template, ``base`` otherwise.
+
+Few-shot examples (cwe) are earlier turns: with a fixed template RULER concatenates
+``template(example) + answer`` lines before ``template(task)``; with ``chat`` they become a
+user/assistant exchange before the final user turn.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence, Tuple
+
+try:
+    from sketch_walk.errors import UsageError
+except ImportError:  # not installed: run from a checkout, as RULER's scripts are
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+    from sketch_walk.errors import UsageError
+
+Templates = {
+    "base": "{task_template}",
+    "meta-chat": "[INST] {task_template} [/INST]",
+    "vicuna-chat": (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: {task_template} ASSISTANT:"
+    ),
+    "lwm-chat": "You are a helpful assistant. USER: {task_template} ASSISTANT: ",
+    "command-r-chat": (
+        "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>{task_template}<|END_OF_TURN_TOKEN|>"
+        "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+    ),
+    "chatglm-chat": "[gMASK]sop<|user|> \n {task_template}<|assistant|> \n ",
+    "RWKV": (
+        "User: hi\n\nAssistant: Hi. I am your assistant and I will provide expert full response in full details. "
+        "Please feel free to ask any question and I will always answer it\n\nUser: {task_template}\n\nAssistant:"
+    ),
+    "Phi3": "<|user|>\n{task_template}<|end|>\n<|assistant|>\n",
+    "meta-llama3": (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{task_template}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    "jamba": "<|startoftext|><|bom|><|system|> <|eom|><|bom|><|user|> {task_template}<|eom|><|bom|><|assistant|>",
+    "nemotron5-instruct": "<SPECIAL_10>System\n\n<SPECIAL_11>User\n{task_template}\n<SPECIAL_11>Assistant\n",
+    # SeerAttention's fork
+    "llama-3": "<|start_header_id|>user<|end_header_id|> {task_template}<|eot_id|><|start_header_id|>assistant<|end_header_id|>",
+    "glm-4": "[gMASK]<sop><|user|>\n {task_template}<|assistant|>\n",
+}
+
+CHAT = "chat"
+TEMPLATE_TYPES = sorted(Templates) + [CHAT]
+
+# Some chat templates (Llama 3.2 and later) print today's date unless told one; a fixed date keeps
+# the prepared files byte-identical from one day to the next. Templates that ignore it are unaffected.
+_CHAT_TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
+
+
+def has_chat_template(tokenizer) -> bool:
+    """True when ``tokenizer`` (one of tokenizer.py's wrappers) carries a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def default_template_type(tokenizer) -> str:
+    return CHAT if has_chat_template(tokenizer) else "base"
+
+
+class ModelTemplate:
+    """Wraps task prompts in a model template; ``render`` gives the text up to the answer prefix."""
+
+    def __init__(self, template_type: str, tokenizer=None):
+        if template_type == CHAT:
+            if not has_chat_template(tokenizer):
+                raise UsageError("--model_template_type chat needs a tokenizer with a chat template (an hf tokenizer "
+                                 "of an instruct model); pass --model_template_type base or one of: "
+                                 + ", ".join(sorted(Templates)))
+        elif template_type not in Templates:
+            raise UsageError(f"--model_template_type {template_type} is not a template; choose one of: "
+                             + ", ".join(TEMPLATE_TYPES))
+        self.template_type = template_type
+        self.tokenizer = tokenizer
+
+    def render(self, user: str, history: Sequence[Tuple[str, str]] = ()) -> str:
+        """The model's input for the user turn ``user`` after the ``(user, assistant)`` turns of ``history``.
+
+        The result ends where the answer prefix begins (after the generation prompt with ``chat``).
+        """
+        if self.template_type == CHAT:
+            messages = []
+            for question, answer in history:
+                messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer.strip()}]
+            messages.append({"role": "user", "content": user})
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **_CHAT_TEMPLATE_KWARGS)
+        wrap = Templates[self.template_type]
+        # str.replace, not str.format: the task text holds the haystack, which may contain braces.
+        shots = [wrap.replace("{task_template}", question) + answer for question, answer in history]
+        return "\n".join(shots + [wrap.replace("{task_template}", user)])
+
+
+def select_template(template_type: Optional[str], tokenizer) -> ModelTemplate:
+    """``--model_template_type``, or its default for ``tokenizer`` when None."""
+    return ModelTemplate(template_type or default_template_type(tokenizer), tokenizer)
