@@ -1,0 +1,329 @@
+"""The sweep driver eval/ruler/run_sketchwalk.py: its plan, --dry_run, resume/skip logic and
+failure handling, with the real scripts replaced by a fake runner (no model runs)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "eval" / "ruler" / "run_sketchwalk.py"
+SWEEPS = REPO / "eval" / "ruler" / "sweeps"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("run_sketchwalk_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+rs = _load()
+
+
+def run_main(argv, capsys):
+    try:
+        code = rs.main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def flag(cmd, name):
+    return cmd[cmd.index(name) + 1]
+
+
+def commands(stdout):
+    """Commands of a --dry_run listing: (skipped?, argv)."""
+    out = []
+    for line in stdout.splitlines():
+        if line.startswith("# skip ("):
+            out.append((True, shlex.split(line.split("): ", 1)[1])))
+        elif line and not line.startswith("#"):
+            out.append((False, shlex.split(line)))
+    return out
+
+
+def script_of(cmd):
+    return next(Path(c).name for c in cmd if c.endswith(".py"))
+
+
+# ------------------------------------------------------------------------------- fake runner
+class FakeRunner:
+    """Stands in for subprocess.run: does what each script would write, minimally."""
+
+    def __init__(self, fail_on=None, rc=3, predict_only=None, prepare_lines=None):
+        self.prepare_lines = prepare_lines
+        self.calls = []
+        self.fail_on = fail_on
+        self.rc = rc
+        self.predict_only = predict_only  # predict this many samples, then "die"
+
+    def __call__(self, cmd):
+        self.calls.append(cmd)
+        name = script_of(cmd)
+        if self.fail_on and self.fail_on(cmd):
+            return subprocess.CompletedProcess(cmd, self.rc)
+        if name == "prepare.py":
+            d = Path(flag(cmd, "--save_dir")) / flag(cmd, "--task")
+            d.mkdir(parents=True, exist_ok=True)
+            n = self.prepare_lines or int(flag(cmd, "--num_samples"))
+            with open(d / f"{flag(cmd, '--subset')}.jsonl", "w") as f:
+                for i in range(n):
+                    f.write(json.dumps({"index": i, "input": f"haystack {flag(cmd, '--max_seq_length')} {i}",
+                                        "outputs": [str(i)], "answer_prefix": " Answer:", "length": 100}) + "\n")
+        elif name == "call_api.py":
+            data = Path(flag(cmd, "--data_dir")) / flag(cmd, "--task") / f"{flag(cmd, '--subset')}.jsonl"
+            save = Path(flag(cmd, "--save_dir"))
+            save.mkdir(parents=True, exist_ok=True)
+            pred = save / f"{flag(cmd, '--task')}.jsonl"
+            done = len(pred.read_text().splitlines()) if pred.exists() else 0
+            samples = [json.loads(l) for l in data.read_text().splitlines()][done:]
+            if self.predict_only is not None:
+                samples = samples[:self.predict_only]
+            with open(pred, "a") as f:
+                for s in samples:
+                    f.write(json.dumps({"index": s["index"], "pred": s["outputs"][0],
+                                        "input": s["input"] + s["answer_prefix"], "outputs": s["outputs"],
+                                        "others": {"prefill_s": 0.1, "decode_s": 0.1, "method": "dense"}}) + "\n")
+        elif name == "evaluate.py":
+            (Path(flag(cmd, "--data_dir")) / "summary.csv").write_text("0,1\nTasks,x\n")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    def kinds(self):
+        return [script_of(c) for c in self.calls]
+
+
+def tiny_config(tmp_path, **over):
+    cfg = {
+        "root_dir": str(tmp_path / "root"), "num_samples": 3, "lengths": [1024, 2048],
+        "tasks": ["niah_single_1", "vt"], "call_api_args": {"temperature": 0.0, "max_new_tokens": 16},
+        "methods": {"dense": {"server_type": "hf"},
+                    "sw": {"server_type": "SketchWalk", "top_k_blocks": 8, "skip_decode": False}},
+        "comparisons": [{"name": "comparison", "baseline": "dense"}],
+    }
+    cfg.update(over)
+    path = tmp_path / "sweep.yaml"
+    import yaml
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ------------------------------------------------------------------------------------ dry run
+def test_dry_run_demo(tmp_path, capsys):
+    code, out, err = run_main([SWEEPS / "demo.yaml", "--dry_run", "--root_dir", tmp_path / "r"], capsys)
+    assert code == 0, err
+    cmds = commands(out)
+    assert [script_of(c) for _, c in cmds] == ["prepare.py"] + ["call_api.py"] * 3 + ["evaluate.py"] * 3 \
+        + ["compare_results.py"]
+    assert not any(skipped for skipped, _ in cmds)
+    prep = cmds[0][1]
+    assert flag(prep, "--task") == "niah_single_1" and flag(prep, "--max_seq_length") == "1024"
+    assert flag(prep, "--num_samples") == "3" and flag(prep, "--save_dir") == str(tmp_path / "r/pred/_data/1024")
+    dense, sw, seer = (c for _, c in cmds[1:4])
+    assert flag(dense, "--server_type") == "hf" and flag(dense, "--model_name_or_path") == "smollm2"
+    assert flag(sw, "--server_type") == "SketchWalk" and flag(sw, "--max_new_tokens") == "32"
+    assert flag(seer, "--model_name_or_path") == "seer_attn/checkpoints/smollm2"
+    assert seer.count("--model_name_or_path") == 1
+    assert flag(seer, "--save_dir") == str(tmp_path / "r/pred/seerattn/1024")
+    assert flag(seer, "--data_dir") == str(tmp_path / "r/pred/_data/1024")
+    cmp_ = cmds[-1][1]
+    assert [cmp_[i + 1] for i, a in enumerate(cmp_) if a == "--run"] == [
+        f"dense={tmp_path / 'r/pred/dense'}", f"sketchwalk={tmp_path / 'r/pred/sketchwalk'}",
+        f"seerattn={tmp_path / 'r/pred/seerattn'}"]
+    assert flag(cmp_, "--baseline") == "dense" and flag(cmp_, "--output_dir") == str(tmp_path / "r/comparison")
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+
+
+def test_stage_configs(tmp_path, capsys):
+    code, out, err = run_main([SWEEPS / "stage1_dense.yaml", "--dry_run", "--root_dir", tmp_path / "s1"], capsys)
+    assert code == 0, err
+    kinds = [script_of(c) for _, c in commands(out)]
+    assert kinds.count("prepare.py") == 33 and kinds.count("call_api.py") == 33
+    assert kinds.count("evaluate.py") == 3 and kinds.count("compare_results.py") == 1
+    assert "--essay_file" in commands(out)[0][1]
+
+    code, out, err = run_main([SWEEPS / "stage2.yaml", "--dry_run", "--root_dir", tmp_path / "s2",
+                               "--cells_from", tmp_path / "none.json"], capsys)
+    assert code == 2 and "none.json not found" in err
+
+    # a stage-1 comparison where dense passes only some cells
+    tasks = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+             "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
+    good = {("niah_single_1", 8192), ("niah_single_1", 4096), ("vt", 2048)}
+    cells = [{"task": t, "length": str(l), "runs": {"dense": {"score": 90.0 if (t, l) in good else 10.0}}}
+             for l in (2048, 4096, 8192) for t in tasks]
+    comp = tmp_path / "stage1.json"
+    comp.write_text(json.dumps({"cells": cells}))
+    code, out, err = run_main([SWEEPS / "stage2.yaml", "--dry_run", "--root_dir", tmp_path / "s2",
+                               "--cells_from", comp], capsys)
+    assert code == 0, err
+    assert "judged cells" in out and "3 of 33 (fewer than 6)" in out
+    cmds = [c for _, c in commands(out)]
+    preps = {(flag(c, "--task"), int(flag(c, "--max_seq_length"))): int(flag(c, "--num_samples"))
+             for c in cmds if script_of(c) == "prepare.py"}
+    assert preps == {("vt", 2048): 50, ("niah_single_1", 4096): 50, ("niah_single_1", 8192): 100}
+    preds = [c for c in cmds if script_of(c) == "call_api.py"]
+    by_method = {}
+    for c in preds:
+        by_method.setdefault(Path(flag(c, "--save_dir")).parent.name, []).append(c)
+    assert len(by_method) == 12
+    assert all(len(v) == 3 for k, v in by_method.items() if k not in ("sketchwalk_skip_decode", "sketchwalk_dlb4"))
+    [skip] = by_method["sketchwalk_skip_decode"]
+    assert "--skip_decode" in skip and flag(skip, "--task") == "niah_single_1" and flag(skip, "--save_dir").endswith("8192")
+    assert flag(by_method["sketchwalk_dlb4"][0], "--dense_last_blocks") == "4"
+    assert all(flag(c, "--dense_last_blocks") == "0" for c in preds
+               if "SketchWalk" in c and "sketchwalk_dlb4" not in flag(c, "--save_dir"))
+    assert flag(by_method["sketchwalk_mean"][0], "--key_summary") == "mean"
+    assert flag(by_method["oracle"][0], "--selector") == "oracle"
+    assert all("--skip_decode" not in c for k, v in by_method.items() if k != "sketchwalk_skip_decode" for c in v)
+    compares = [c for c in cmds if script_of(c) == "compare_results.py"]
+    assert len(compares) == 2
+    assert flag(compares[1], "--tasks") == "niah_single_1" and flag(compares[1], "--lengths") == "8192"
+    assert compares[0].count("--run") == 10
+
+
+# ------------------------------------------------------------------------- running, resuming
+def test_run_then_resume_skips_everything(tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    fake = FakeRunner()
+    monkeypatch.setattr(rs, "_run_command", fake)
+    code, out, err = run_main([cfg], capsys)
+    assert code == 0, err
+    assert fake.kinds() == ["prepare.py"] * 4 + ["call_api.py"] * 8 + ["evaluate.py"] * 4 + ["compare_results.py"]
+    root = tmp_path / "root"
+    stamp = json.loads((root / "pred/_data/1024/niah_single_1/.prepare_stamp.json").read_text())
+    assert stamp["samples"] == 3 and "--save_dir" not in stamp["args"] and "--num_samples" in stamp["args"]
+    log = [json.loads(l) for l in (root / "sweep_log.jsonl").read_text().splitlines()]
+    assert len(log) == 17 and all(e["rc"] == 0 for e in log)
+
+    fake2 = FakeRunner()
+    monkeypatch.setattr(rs, "_run_command", fake2)
+    code, out, err = run_main([cfg], capsys)
+    assert code == 0, err
+    assert fake2.kinds() == ["compare_results.py"]
+    assert out.count("skip ") == 16
+
+    # dry run now lists the skipped steps as comments
+    code, out, err = run_main([cfg, "--dry_run"], capsys)
+    skipped = [s for s, _ in commands(out)]
+    assert skipped == [True] * 16 + [False]
+    assert "# skip (data up to date" in out and "# skip (all 3 samples predicted)" in out
+
+
+def test_partial_predictions_are_resumed(tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(tmp_path, lengths=[1024], tasks=["vt"])
+    monkeypatch.setattr(rs, "_run_command", FakeRunner(predict_only=1))
+    code, out, err = run_main([cfg, "--only", "prepare", "predict"], capsys)
+    assert code == 0, err
+    fake = FakeRunner()
+    monkeypatch.setattr(rs, "_run_command", fake)
+    code, out, err = run_main([cfg, "--dry_run"], capsys)
+    assert "2 of 3 samples to predict" not in out  # reasons are only shown for skips
+    cmds = commands(out)
+    assert [(s, script_of(c)) for s, c in cmds] == [(True, "prepare.py"), (False, "call_api.py"), (False, "call_api.py"),
+                                                      (False, "evaluate.py"), (False, "evaluate.py"),
+                                                      (False, "compare_results.py")]
+    code, out, err = run_main([cfg], capsys)
+    assert code == 0 and fake.kinds() == ["call_api.py", "call_api.py", "evaluate.py", "evaluate.py",
+                                          "compare_results.py"]
+    pred = tmp_path / "root/pred/sw/1024/vt.jsonl"
+    assert len(pred.read_text().splitlines()) == 3
+
+
+def test_changed_data_args_with_predictions_is_an_error(tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(tmp_path, lengths=[1024], tasks=["vt"])
+    monkeypatch.setattr(rs, "_run_command", FakeRunner())
+    assert run_main([cfg], capsys)[0] == 0
+    code, out, err = run_main([cfg, "--num_samples", "5", "--dry_run"], capsys)
+    assert code == 2
+    assert "vt@1024: data would be regenerated (prepare arguments changed)" in err and "vt.jsonl" in err
+    # without predictions, the data is simply prepared again (the old file removed first)
+    for m in ("dense", "sw"):
+        for f in (tmp_path / "root/pred" / m / "1024").iterdir():
+            f.unlink()
+    fake = FakeRunner()
+    monkeypatch.setattr(rs, "_run_command", fake)
+    code, out, err = run_main([cfg, "--num_samples", "5"], capsys)
+    assert code == 0, err
+    assert fake.kinds()[0] == "prepare.py"
+    data = tmp_path / "root/pred/_data/1024/vt/validation.jsonl"
+    assert len(data.read_text().splitlines()) == 5
+    # an edited data file is noticed through its sha256
+    with open(data, "a") as f:
+        f.write(json.dumps({"index": 9, "input": "x", "outputs": ["y"]}) + "\n")
+    code, out, err = run_main([cfg, "--num_samples", "5", "--dry_run"], capsys)
+    assert code == 2 and "data file changed since it was prepared" in err
+
+
+def test_stops_at_first_failure(tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(tmp_path, lengths=[1024], tasks=["vt"])
+    fake = FakeRunner(fail_on=lambda c: script_of(c) == "call_api.py" and "SketchWalk" in c, rc=3)
+    monkeypatch.setattr(rs, "_run_command", fake)
+    code, out, err = run_main([cfg], capsys)
+    assert code == 3
+    assert fake.kinds() == ["prepare.py", "call_api.py", "call_api.py"]
+    assert err.startswith("error: predict sw vt@1024 failed (exit 3): ")
+    assert "--server_type SketchWalk --top_k_blocks 8" in err
+    log = [json.loads(l) for l in (tmp_path / "root/sweep_log.jsonl").read_text().splitlines()]
+    assert log[-1]["rc"] == 3 and log[-1]["label"] == "predict sw vt@1024"
+    # a prepare that writes the wrong number of samples is a failure too, and leaves no stamp
+    fake = FakeRunner(prepare_lines=2)
+    monkeypatch.setattr(rs, "_run_command", fake)
+    code, out, err = run_main([cfg, "--root_dir", tmp_path / "other"], capsys)
+    assert code == 1 and "has 2 samples, expected 3" in err and fake.kinds() == ["prepare.py"]
+    assert not (tmp_path / "other/pred/_data/1024/vt/.prepare_stamp.json").exists()
+
+
+def test_flags_without_config(tmp_path, capsys):
+    code, out, err = run_main(["--root_dir", tmp_path, "--lengths", "4096", "--tasks", "vt", "cwe",
+                               "--method", "dense=--server_type hf --batch_size 4",
+                               "--method", "sw8=--server_type SketchWalk --top_k_blocks 8", "--dry_run"], capsys)
+    assert code == 0, err
+    cmds = [c for _, c in commands(out)]
+    assert [script_of(c) for c in cmds].count("call_api.py") == 4
+    assert flag(cmds[2], "--batch_size") == "4" and flag(cmds[4], "--top_k_blocks") == "8"
+    i = cmds[-1].index("--tasks")
+    assert set(cmds[-1][i + 1:i + 3]) == {"vt", "cwe"}
+
+    code, out, err = run_main(["--root_dir", tmp_path, "--dry_run"], capsys)
+    assert code == 2 and "no methods" in err
+
+
+def test_method_subset_and_config_errors(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    code, out, err = run_main([cfg, "--methods", "sw", "--dry_run"], capsys)
+    assert code == 0, err
+    cmds = [c for _, c in commands(out)]
+    assert all("dense" not in flag(c, "--save_dir") for c in cmds if script_of(c) == "call_api.py")
+    assert "--baseline" not in cmds[-1]
+    code, out, err = run_main([cfg, "--methods", "nope", "--dry_run"], capsys)
+    assert code == 2 and "--methods: nope not in the config" in err
+    bad = tiny_config(tmp_path, lenghts=[1])
+    code, out, err = run_main([bad, "--dry_run"], capsys)
+    assert code == 2 and "unknown key(s) lenghts" in err
+    bad = tiny_config(tmp_path, methods={"_x": {"server_type": "hf"}})
+    assert "must be letters" in run_main([bad, "--dry_run"], capsys)[2]
+    bad = tiny_config(tmp_path, methods={"a": {"server_type": "hf", "save_dir": "x"}})
+    assert "sets --save_dir" in run_main([bad, "--dry_run"], capsys)[2]
+    bad = tiny_config(tmp_path, methods={"dense": {"server_type": "hf"},
+                                         "x": {"args": {"server_type": "hf"}, "tasks": ["vt"]}},
+                      comparisons=[{"name": "c", "methods": ["dense", "x"]}])
+    code, out, err = run_main([bad, "--dry_run"], capsys)
+    assert code == 2 and "method x does not run niah_single_1@1024" in err
+
+
+def test_shell_wrapper(tmp_path):
+    env = dict(os.environ, PY=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "eval/ruler/run_sketchwalk.sh"), str(SWEEPS / "demo.yaml"),
+                           "--dry_run", "--root_dir", str(tmp_path)], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "eval/ruler/pred/compare_results.py" in proc.stdout
