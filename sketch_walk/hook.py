@@ -1,0 +1,307 @@
+"""The shared sparse-attention hook: one attention function registered with transformers.
+
+:func:`enable_sparse_attention` registers ``sketch_walk_block_sparse`` with transformers'
+``AttentionInterface`` (and the SDPA mask builder under the same name, so padding masks still
+reach us), switches the model to it (``model.set_attn_implementation``; on versions without it,
+``config._attn_implementation``) and gives every attention module a reference to the returned
+:class:`SparseAttentionSession`. No model code is copied: any Llama-family model whose attention
+calls the interface (Llama, SmolLM2, Qwen2, Mistral, Gemma-3, ...) works.
+
+What runs, per attention call (query (B, H, q_len, d), key / value (B, H_kv, k_len, d) after RoPE):
+* a layer that is not sparse (``selector.is_sparse_layer`` False, e.g. the first ``dense_layers``)
+  -> transformers' SDPA attention (causal, GQA), exactly what ``attn_implementation="sdpa"`` runs;
+* a sliding-window layer (``module.sliding_window`` or a ``sliding_window`` argument set, as in
+  Gemma-3) -> the same SDPA call with the model's own sliding mask; it takes no part in selection
+  or the walk, and its density counts the keys inside its window;
+* a sparse layer, prefill (q_len == k_len) -> ``selector.select_prefill`` then
+  :func:`sketch_walk.block_sparse.block_sparse_attention` (Triton on CUDA, PyTorch elsewhere);
+* a sparse layer, decode (q_len == 1 < k_len) -> dense SDPA when ``skip_decode``, else
+  ``selector.select_decode`` then :func:`sketch_walk.block_sparse.block_sparse_decode`.
+Refused with a :class:`UsageError`: attention masks that are not plain causal (padded batches,
+custom masks) and chunked prefill (1 < q_len < k_len) in sparse layers, logit soft-capping in
+sparse layers. Batches of equal-length prompts work (every list is per sequence).
+
+The selector's per-sequence state is reset automatically at each new prompt (a prefill call of the
+first attention layer). Density (ALGORITHM.md "What to report") is measured from the lists the
+kernel got: attended (query, key) pairs / causal pairs, per layer, dense layers counting 1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .block_sparse import (attended_keys_decode, attended_pairs_prefill, block_sparse_attention,
+                           block_sparse_decode, causal_pairs, resolve_backend)
+from .errors import UsageError
+from .selector import BlockSelector
+
+ATTN_NAME = "sketch_walk_block_sparse"
+SESSION_ATTR = "_sparse_attention_session"
+_registered = False
+
+
+def _sdpa_forward():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward
+
+
+def register_attention() -> str:
+    """Register the attention function (and the SDPA mask builder) under :data:`ATTN_NAME`; idempotent."""
+    global _registered
+    if _registered:
+        return ATTN_NAME
+    from transformers import AttentionInterface
+    AttentionInterface.register(ATTN_NAME, sparse_attention_forward)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+        AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    except ImportError:      # older transformers build masks from _attn_implementation != flash: nothing to do
+        pass
+    _registered = True
+    return ATTN_NAME
+
+
+def attention_modules(model) -> Dict[int, torch.nn.Module]:
+    """{layer_idx: attention module} of a transformers model (modules with ``layer_idx`` and ``o_proj``)."""
+    found: Dict[int, torch.nn.Module] = {}
+    for m in model.modules():
+        idx = getattr(m, "layer_idx", None)
+        if isinstance(idx, int) and hasattr(m, "o_proj") and hasattr(m, "num_key_value_groups"):
+            found.setdefault(idx, m)
+    return dict(sorted(found.items()))
+
+
+def _window_pairs(n: int, w: int) -> float:
+    """Causal (query, key) pairs within a sliding window of w keys (keys t-w+1..t) over n queries."""
+    if n <= w:
+        return causal_pairs(n)
+    return w * (w + 1) / 2 + (n - w) * w
+
+
+def _is_plain_causal(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
+    """Whether a 4D attention mask (bool, or additive float) allows exactly the bottom-right causal pattern."""
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    allowed = allowed[..., -q_len:, -k_len:]
+    qpos = torch.arange(k_len - q_len, k_len, device=mask.device).unsqueeze(-1)
+    causal = torch.arange(k_len, device=mask.device) <= qpos
+    return bool(torch.equal(allowed, causal.expand_as(allowed)))
+
+
+class SparseAttentionSession:
+    """A model running the shared sparse attention with one :class:`BlockSelector`.
+
+    ``reset()`` forgets the selector's state and the density counters (call it before each sample);
+    ``report()`` returns the measured density; ``describe()`` the knobs; ``disable()`` restores the
+    model's previous attention implementation.
+    """
+
+    def __init__(self, model, selector: BlockSelector, skip_decode: bool = False, backend: Optional[str] = None):
+        self.model = model
+        self.selector = selector
+        self.skip_decode = bool(skip_decode)
+        self.backend = backend
+        self.modules = attention_modules(model)
+        if not self.modules:
+            raise UsageError(f"{type(model).__name__}: no attention modules with layer_idx found; the sparse "
+                             f"attention hook supports transformers decoder models (Llama, Qwen2, Mistral, Gemma-3...)")
+        self.layer_ids: List[int] = list(self.modules)
+        self.first_layer = self.layer_ids[0]
+        self.previous_implementation = getattr(model.config, "_attn_implementation", None)
+        self._seq_len = 0
+        self.reset()
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the selector's per-sequence state and every density counter."""
+        self.selector.reset(0)
+        self._seq_len = 0
+        self._pre: Dict[int, List[Any]] = {}      # layer -> [attended (tensor or float), causal float]
+        self._dec: Dict[int, List[Any]] = {}
+        self.prefill_tokens = 0
+        self.decode_steps = 0
+        self.prompts = 0
+
+    @staticmethod
+    def _add(table: Dict[int, List[Any]], layer: int, attended, causal: float) -> None:
+        row = table.setdefault(layer, [0.0, 0.0])
+        row[0] = row[0] + attended
+        row[1] += causal
+
+    @staticmethod
+    def _ratio(att, cau) -> Optional[float]:
+        return None if not cau else float(att) / cau
+
+    def report(self) -> Dict[str, Any]:
+        """Measured density since the last reset: attended (query, key) pairs / causal pairs.
+
+        prefill: over every layer of every prompt; decode: over every layer of every decode step;
+        overall: both together; density_per_layer (prefill) and density_per_layer_decode: one value per
+        model layer (None where nothing ran). Dense layers and dense (sliding-window: in-window) keys count.
+        """
+        def totals(table):
+            att = sum(float(v[0]) for v in table.values())
+            cau = sum(v[1] for v in table.values())
+            return att, cau
+
+        pa, pc = totals(self._pre)
+        da, dc = totals(self._dec)
+        return {
+            "prefill": self._ratio(pa, pc),
+            "decode": self._ratio(da, dc),
+            "overall": self._ratio(pa + da, pc + dc),
+            "density_per_layer": [self._ratio(*self._pre[l]) if l in self._pre else None for l in self.layer_ids],
+            "density_per_layer_decode": [self._ratio(*self._dec[l]) if l in self._dec else None
+                                         for l in self.layer_ids],
+            "prompts": self.prompts,
+            "prefill_tokens": self.prefill_tokens,
+            "decode_steps": self.decode_steps,
+            "sparse_layers": [l for l in self.layer_ids if self._layer_kind(l) == "sparse"],
+        }
+
+    def describe(self) -> Dict[str, Any]:
+        """The selector's knobs plus the hook's (skip_decode, attention backend, implementation name)."""
+        out = dict(self.selector.describe())
+        out["skip_decode"] = self.skip_decode
+        dev = next(self.model.parameters()).device
+        out["attn_backend"] = self.backend or "auto"
+        out["attn_backend_resolved"] = resolve_backend(dev, self.backend)
+        out["attn_implementation"] = ATTN_NAME
+        out["sliding_window_layers"] = [l for l in self.layer_ids if self._layer_kind(l) == "sliding"]
+        return out
+
+    def disable(self) -> None:
+        """Restore the model's previous attention implementation and detach the selector."""
+        prev = self.previous_implementation or "sdpa"
+        _set_implementation(self.model, prev)
+        for m in self.modules.values():
+            if getattr(m, SESSION_ATTR, None) is self:
+                delattr(m, SESSION_ATTR)
+        if getattr(self.model, SESSION_ATTR, None) is self:
+            delattr(self.model, SESSION_ATTR)
+        self.selector.detach()
+
+    # -- classification -----------------------------------------------------------------------------
+    def _sliding(self, module, kwargs=None) -> Optional[int]:
+        w = getattr(module, "sliding_window", None)
+        if w is None and kwargs:
+            w = kwargs.get("sliding_window")
+        return int(w) if w else None
+
+    def _layer_kind(self, layer: int) -> str:
+        m = self.modules[layer]
+        if self._sliding(m):
+            return "sliding"
+        return "sparse" if self.selector.is_sparse_layer(layer) else "dense"
+
+    # -- the attention call ------------------------------------------------------------------------
+    def forward(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        layer = module.layer_idx
+        b, h, q_len, d = query.shape
+        hkv, k_len = key.shape[1], key.shape[2]
+        if layer == self.first_layer:
+            if q_len == k_len:                             # a new prompt
+                self.selector.reset(b)
+                self._seq_len = q_len
+                self.prompts += 1
+                self.prefill_tokens += q_len * b
+            else:
+                self._seq_len += q_len
+                if q_len == 1:
+                    self.decode_steps += 1
+        window = self._sliding(module, kwargs)
+        sparse = window is None and self.selector.is_sparse_layer(layer)
+        decode = q_len == 1 and k_len > 1
+        dense_decode = decode and self.skip_decode
+        if not sparse or dense_decode:
+            self._count_dense(layer, b * hkv, q_len, k_len, window)
+            out, _ = _sdpa_forward()(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+            return out, None
+
+        if q_len != k_len and not decode:
+            raise UsageError(f"sparse attention (layer {layer}): {q_len} new queries against {k_len} keys: chunked "
+                             f"prefill or a reused prompt cache is not supported; pass the whole prompt at once")
+        if kwargs.get("softcap") is not None:
+            raise UsageError(f"sparse attention (layer {layer}): attention logit soft-capping is not supported")
+        if attention_mask is not None and not _is_plain_causal(attention_mask, q_len, k_len):
+            raise UsageError("sparse attention does not support padded batches (or custom attention masks): run "
+                             "prompts one at a time, or batch prompts of equal length without padding")
+        bs = self.selector.block_size
+        if not decode:
+            idx, cnt = self.selector.select_prefill(layer, module, query, key)
+            out, _ = block_sparse_attention(query, key, value, idx, cnt, bs, sm_scale=scaling, backend=self.backend)
+            self._add(self._pre, layer, attended_pairs_prefill(idx, cnt, q_len, bs).sum(),
+                      causal_pairs(q_len) * b * hkv)
+        else:
+            idx, cnt = self.selector.select_decode(layer, module, query, key)
+            out, _ = block_sparse_decode(query, key, value, idx, cnt, bs, sm_scale=scaling, backend=self.backend)
+            self._add(self._dec, layer, attended_keys_decode(idx, cnt, k_len, bs).sum(), float(k_len * b * hkv))
+        return out.transpose(1, 2).contiguous(), None
+
+    def _count_dense(self, layer: int, units: int, q_len: int, k_len: int, window: Optional[int]) -> None:
+        if q_len == k_len:
+            causal = causal_pairs(q_len)
+            att = _window_pairs(q_len, window) if window else causal
+            self._add(self._pre, layer, att * units, causal * units)
+        else:   # decode (or chunked prefill in a dense layer): q_len queries at the end of the sequence
+            total = max(self._seq_len, k_len)
+            causal = sum(total - q_len + 1 + t for t in range(q_len))
+            att = sum(min(total - q_len + 1 + t, window) for t in range(q_len)) if window else causal
+            table = self._dec if q_len == 1 else self._pre
+            self._add(table, layer, float(att * units), float(causal * units))
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The function registered as :data:`ATTN_NAME`: dispatches to the module's session."""
+    session = getattr(module, SESSION_ATTR, None)
+    if session is None:
+        raise UsageError(f"attn_implementation '{ATTN_NAME}' needs a session: call "
+                         f"sketch_walk.enable_sketch_walk(model, config) or enable_sparse_attention(model, selector)")
+    if scaling is None:
+        scaling = getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
+    return session.forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def _set_implementation(model, name: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        try:
+            setter(name)
+        except (ValueError, KeyError, AttributeError):
+            pass
+    if getattr(model.config, "_attn_implementation", None) != name:
+        for m in model.modules():
+            cfg = getattr(m, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                try:
+                    cfg._attn_implementation = name
+                except AttributeError:
+                    cfg._attn_implementation_internal = name
+
+
+def enable_sparse_attention(model, selector: BlockSelector, *, skip_decode: bool = False,
+                            backend: Optional[str] = None) -> SparseAttentionSession:
+    """Run ``model``'s attention through the shared block-sparse hook with ``selector``; returns the session.
+
+    ``skip_decode``: decode steps run dense SDPA (prefill stays sparse). ``backend``: None / "auto"
+    (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". A session already enabled on the model
+    is disabled first. The model is switched to attn_implementation :data:`ATTN_NAME`.
+    """
+    if not isinstance(selector, BlockSelector):
+        raise UsageError(f"selector must be a sketch_walk.selector.BlockSelector, got {type(selector).__name__}")
+    if backend not in (None, "auto", "triton", "torch"):
+        raise UsageError(f"--attn_backend {backend}: choose one of auto, triton, torch")
+    old = getattr(model, SESSION_ATTR, None)
+    if old is not None:
+        old.disable()
+    register_attention()
+    session = SparseAttentionSession(model, selector, skip_decode=skip_decode, backend=backend)
+    selector.attach(model)
+    for m in session.modules.values():
+        setattr(m, SESSION_ATTR, session)
+    setattr(model, SESSION_ATTR, session)
+    _set_implementation(model, ATTN_NAME)
+    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
+        raise UsageError(f"could not switch {type(model).__name__} to attn_implementation '{ATTN_NAME}'")
+    return session
