@@ -1,0 +1,299 @@
+"""AttnGate: SeerAttention's learned block-importance predictor (one per layer).
+
+As published for Llama (microsoft/SeerAttention, ``prefill_sparse/attn_gate.py``), written anew:
+
+1. Input: q and k straight from q_proj / k_proj, BEFORE RoPE: q (B, H, n, d), k (B, H_kv, n, d).
+2. Pool along the sequence in blocks of ``block_size`` (a partial last block pools its real
+   tokens only): q by the gate type's q pools (average for "Qavg_..."), k by its k pools (max,
+   min and average for "..._Kmaxminavg"), concatenated on channels (k: 3d).
+3. Project with per-head weights, no bias: W_k [heads, n_kpools*d, h_g]. With one q pool and
+   h_g == d (the published Llama gates and the default model's) pooled q is used as is and W_k
+   has one matrix per QUERY head (the key head's pooled k is repeated to its query group
+   first); otherwise W_q [H, n_qpools*d, h_g] and W_k per KEY head, repeated to the group after
+   projection. (The reference's rule, kept so that published gate files map one to one.)
+4. RoPE of dimension h_g (the model's rope type, theta and scaling) at the position of each
+   block's first token, on projected q and k.
+5. Scores s[h, I, J] = q~_I . k~_J / sqrt(h_g) for J <= I, -inf above the block diagonal, in
+   fp32 (the reference computes in bf16, which makes small thresholds coarse).
+
+Decode (SeerAttention-R style, used by :mod:`seer_attn.selector`): :class:`GateKeyCache` keeps,
+per layer, the running max / min / sum / count of each block's pre-RoPE keys and the projected,
+rotated gate key of every block; a new token updates only its own block from its own key.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .config import SeerAttnConfig, parse_gate_type
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooling
+# ----------------------------------------------------------------------------------------------
+
+def block_stats(x: torch.Tensor, block_size: int) -> Dict[str, torch.Tensor]:
+    """Per-block max, min, sum (fp32) of x (B, heads, n, d) over real tokens, and count (n_b,)."""
+    b, h, n, d = x.shape
+    nb = (n + block_size - 1) // block_size
+    pad = nb * block_size - n
+    xf = x.float()
+    if pad:
+        big = torch.finfo(torch.float32).max
+        xmax = torch.nn.functional.pad(xf, (0, 0, 0, pad), value=-big)
+        xmin = torch.nn.functional.pad(xf, (0, 0, 0, pad), value=big)
+        xsum = torch.nn.functional.pad(xf, (0, 0, 0, pad), value=0.0)
+    else:
+        xmax = xmin = xsum = xf
+    count = torch.full((nb,), float(block_size), device=x.device)
+    count[-1] = n - (nb - 1) * block_size
+    return {"max": xmax.view(b, h, nb, block_size, d).amax(3),
+            "min": xmin.view(b, h, nb, block_size, d).amin(3),
+            "sum": xsum.view(b, h, nb, block_size, d).sum(3),
+            "count": count}
+
+
+def pools_from_stats(stats: Dict[str, torch.Tensor], pools: Sequence[str]) -> torch.Tensor:
+    """Concatenate the requested pools ('max', 'min', 'avg') on channels: (B, heads, n_b, len(pools)*d)."""
+    out = []
+    for p in pools:
+        if p == "avg":
+            out.append(stats["sum"] / stats["count"].view(1, 1, -1, 1))
+        else:
+            out.append(stats[p])
+    return torch.cat(out, dim=-1)
+
+
+def pool_blocks(x: torch.Tensor, block_size: int, pools: Sequence[str]) -> torch.Tensor:
+    """Pool x (B, heads, n, d) per block: (B, heads, n_b, len(pools)*d), fp32."""
+    return pools_from_stats(block_stats(x, block_size), pools)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block RoPE
+# ----------------------------------------------------------------------------------------------
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., m, h_g) rotated by cos/sin (m, h_g) (the rotate-half convention of Llama)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class BlockRope:
+    """cos/sin of dimension h_g at given positions, in fp32, for the gate's block RoPE.
+
+    ``from_model`` reuses the model's own rotary embedding module (its rope type, theta and
+    scaling); when h_g differs from the model's head dim, the same class is built on a copy of the
+    config with head_dim = h_g (what the reference's block_rotary_emb does). ``plain`` is the
+    default rope with a given theta, for models without a rotary module (tests).
+    """
+
+    def __init__(self, fn, dim: int):
+        self._fn = fn
+        self.dim = dim
+
+    @classmethod
+    def from_model(cls, model, dim: int) -> "BlockRope":
+        base = getattr(model, "model", model)
+        rot = getattr(base, "rotary_emb", None)
+        if rot is None:
+            raise ValueError("the model has no rotary_emb module; SeerAttn gates need a RoPE model")
+        cfg = rot.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if dim != head_dim:
+            cfg = copy.deepcopy(cfg)
+            cfg.head_dim = dim
+            rot = type(rot)(config=cfg).to(next(model.parameters()).device)
+
+        def fn(positions: torch.Tensor):
+            dummy = torch.zeros(1, dtype=torch.float32, device=positions.device)
+            cos, sin = rot(dummy, positions.view(1, -1).to(rot.inv_freq.device))
+            return cos[0].float(), sin[0].float()
+
+        return cls(fn, dim)
+
+    @classmethod
+    def plain(cls, dim: int, theta: float = 10000.0) -> "BlockRope":
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+        def fn(positions: torch.Tensor):
+            f = positions.float().view(-1, 1) * inv.to(positions.device)
+            emb = torch.cat((f, f), dim=-1)
+            return emb.cos(), emb.sin()
+
+        return cls(fn, dim)
+
+    def __call__(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._fn(positions)
+        return cos.to(positions.device), sin.to(positions.device)
+
+    def blocks(self, n_blocks: int, block_size: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at each block's first token: positions 0, B, 2B, ..."""
+        return self(torch.arange(n_blocks, device=device) * block_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The gate
+# ----------------------------------------------------------------------------------------------
+
+class MultiHeadLinear(nn.Module):
+    """Per-head linear map without bias: weight [heads, in, out]; x (B, heads, m, in) -> (B, heads, m, out)."""
+
+    def __init__(self, num_heads: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_heads, in_features, out_features))
+        nn.init.normal_(self.weight, mean=0.0, std=0.02)     # the reference's initializer_range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bhmi,hio->bhmo", x, self.weight.float())
+
+
+class AttnGate(nn.Module):
+    """One layer's gate. Parameters: ``linear_k.weight`` and, when needed, ``linear_q.weight``."""
+
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, gate_hidden: int = 64,
+                 block_size: int = 64, gate_type: str = "Qavg_Kmaxminavg"):
+        super().__init__()
+        self.q_pools, self.k_pools = parse_gate_type(gate_type)
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.group = num_q_heads // num_kv_heads
+        self.gate_hidden, self.block_size, self.gate_type = gate_hidden, block_size, gate_type
+        self.scale = gate_hidden ** -0.5
+        if len(self.q_pools) > 1 or gate_hidden != head_dim:
+            self.linear_q = MultiHeadLinear(num_q_heads, len(self.q_pools) * head_dim, gate_hidden)
+            self.linear_k = MultiHeadLinear(num_kv_heads, len(self.k_pools) * head_dim, gate_hidden)
+            self.k_per_query_head = False
+        else:
+            self.linear_q = None
+            self.linear_k = MultiHeadLinear(num_q_heads, len(self.k_pools) * head_dim, gate_hidden)
+            self.k_per_query_head = True
+
+    @classmethod
+    def from_config(cls, cfg: SeerAttnConfig) -> "AttnGate":
+        return cls(cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.gate_hidden, cfg.block_size, cfg.gate_type)
+
+    # -- projections ---------------------------------------------------------------------------
+    def project_q(self, q_pooled: torch.Tensor) -> torch.Tensor:
+        """(B, H, m, n_qpools*d) -> (B, H, m, h_g), fp32, before RoPE."""
+        q_pooled = q_pooled.float()
+        return q_pooled if self.linear_q is None else self.linear_q(q_pooled)
+
+    def project_k(self, k_pooled: torch.Tensor) -> torch.Tensor:
+        """(B, H_kv, m, n_kpools*d) -> (B, H, m, h_g), fp32, before RoPE."""
+        k_pooled = k_pooled.float()
+        if self.k_per_query_head:
+            return self.linear_k(k_pooled.repeat_interleave(self.group, dim=1))
+        return self.linear_k(k_pooled).repeat_interleave(self.group, dim=1)
+
+    # -- scores --------------------------------------------------------------------------------
+    def scores_from_pooled(self, q_pooled: torch.Tensor, k_pooled: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        """Block scores (B, H, n_b, n_b) fp32 from pooled q (B, H, n_b, .) and k (B, H_kv, n_b, .).
+
+        cos/sin (n_b, h_g): block RoPE at each block's first token. -inf above the diagonal.
+        """
+        q = apply_rope(self.project_q(q_pooled), cos, sin)
+        k = apply_rope(self.project_k(k_pooled), cos, sin)
+        s = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if causal:
+            nb = s.shape[-1]
+            upper = torch.ones(nb, nb, dtype=torch.bool, device=s.device).triu_(1)
+            s = s.masked_fill(upper, float("-inf"))
+        return s
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, rope: BlockRope) -> torch.Tensor:
+        """Scores (B, H, n_b, n_b) from pre-RoPE q (B, H, n, d) and k (B, H_kv, n, d), positions 0..n-1."""
+        bs = self.block_size
+        qp = pool_blocks(q, bs, self.q_pools)
+        kp = pool_blocks(k, bs, self.k_pools)
+        cos, sin = rope.blocks(qp.shape[2], bs, q.device)
+        return self.scores_from_pooled(qp, kp, cos, sin)
+
+    def probs(self, q: torch.Tensor, k: torch.Tensor, rope: BlockRope) -> torch.Tensor:
+        """Row softmax of :meth:`forward` (what the threshold compares against)."""
+        return torch.softmax(self.forward(q, k, rope), dim=-1)
+
+    # -- decode --------------------------------------------------------------------------------
+    def query_decode(self, q_new: torch.Tensor, position: int, rope: BlockRope) -> torch.Tensor:
+        """Gate query of one new token: q_new (B, H, d) pre-RoPE -> (B, H, h_g).
+
+        Goes through the q path as a block of one token (every q pool of one token is the token),
+        rotated at the first position of the token's block, as the prefill rows of that block are.
+        """
+        qp = torch.cat([q_new.float()] * len(self.q_pools), dim=-1).unsqueeze(2)        # (B, H, 1, .)
+        start = (position // self.block_size) * self.block_size
+        cos, sin = rope(torch.tensor([start], device=q_new.device))
+        return apply_rope(self.project_q(qp), cos, sin).squeeze(2)
+
+
+class GateKeyCache:
+    """Per-layer decode state: running pre-RoPE key statistics per block and projected gate keys.
+
+    ``stats``: max, min, sum (B, H_kv, n_b, d) fp32 and count (n_b,); ``keys``: (B, H, n_b, h_g),
+    the projected gate key of each block after block RoPE. :meth:`append` updates the current
+    block from the new key only (O(d) statistics, one block's projection), never from the cache.
+    """
+
+    def __init__(self, gate: AttnGate, rope: BlockRope, k_pre: torch.Tensor):
+        self.gate, self.rope = gate, rope
+        self.bs = gate.block_size
+        self.n = k_pre.shape[2]
+        self.stats = block_stats(k_pre, self.bs)
+        nb = self.stats["count"].shape[0]
+        cos, sin = rope.blocks(nb, self.bs, k_pre.device)
+        self.keys = apply_rope(gate.project_k(pools_from_stats(self.stats, gate.k_pools)), cos, sin)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.stats["count"].shape[0]
+
+    def append(self, k_new: torch.Tensor) -> None:
+        """Add the key of position ``self.n`` (k_new (B, H_kv, d), pre-RoPE)."""
+        pos = self.n
+        k = k_new.float().unsqueeze(2)                                   # (B, H_kv, 1, d)
+        st = self.stats
+        if pos % self.bs == 0:                                           # a new block opens
+            for name in ("max", "min", "sum"):
+                st[name] = torch.cat([st[name], k], dim=2)
+            st["count"] = torch.cat([st["count"], st["count"].new_ones(1)])
+            self.keys = torch.cat([self.keys, self.keys[:, :, -1:]], dim=2)   # placeholder, set below
+        else:
+            st["max"][:, :, -1:] = torch.maximum(st["max"][:, :, -1:], k)
+            st["min"][:, :, -1:] = torch.minimum(st["min"][:, :, -1:], k)
+            st["sum"][:, :, -1:] = st["sum"][:, :, -1:] + k
+            st["count"][-1] += 1
+        self.n = pos + 1
+        last = {name: st[name][:, :, -1:] for name in ("max", "min", "sum")}
+        last["count"] = st["count"][-1:]
+        j = self.n_blocks - 1
+        cos, sin = self.rope(torch.tensor([j * self.bs], device=k.device))
+        self.keys[:, :, -1:] = apply_rope(self.gate.project_k(pools_from_stats(last, self.gate.k_pools)), cos, sin)
+
+    def scores(self, q_gate: torch.Tensor) -> torch.Tensor:
+        """q_gate (B, H, h_g) -> scores (B, H, n_b) over every block so far (all causal)."""
+        return torch.einsum("bhd,bhnd->bhn", q_gate, self.keys) * self.gate.scale
+
+
+class SeerAttnGates(nn.Module):
+    """All gates of a model: ``layers.<i>`` for i in ``cfg.gated_layers``."""
+
+    def __init__(self, cfg: SeerAttnConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleDict({str(i): AttnGate.from_config(cfg) for i in cfg.gated_layers})
+
+    def __getitem__(self, layer_idx: int) -> AttnGate:
+        return self.layers[str(layer_idx)]
+
+    def __contains__(self, layer_idx: int) -> bool:
+        return str(layer_idx) in self.layers
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
