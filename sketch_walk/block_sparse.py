@@ -100,8 +100,9 @@ def attended_pairs_prefill(block_idx: torch.Tensor, block_cnt: torch.Tensor, n: 
     triangle rows(i) * (rows(i) + 1) / 2. Divide by n (n + 1) / 2 for the density.
     """
     nb = num_blocks(n, block_size)
-    rows = torch.full((nb,), block_size, dtype=torch.float64, device=block_idx.device)
-    rows[-1] = n - (nb - 1) * block_size
+    # rows per block, built on the device without an indexed store (no host sync)
+    starts = torch.arange(nb, device=block_idx.device, dtype=torch.float64) * block_size
+    rows = (n - starts).clamp(max=block_size)
     valid = torch.arange(block_idx.shape[-1], device=block_idx.device) < block_cnt.unsqueeze(-1)
     j = block_idx.clamp(min=0).long()
     i = torch.arange(nb, device=block_idx.device).view(*([1] * (block_idx.dim() - 2)), nb, 1)
