@@ -19,6 +19,7 @@ Choices where ALGORITHM.md is silent (made here, documented where they act):
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from typing import Any, Dict, List, Optional
@@ -179,8 +180,9 @@ def add_arguments(parser, defaults_none: bool = True) -> None:
         default = getattr(defaults, f.name)
         help_ = f"{HELP[f.name]} (default {default})"
         if f.name == "skip_decode":
-            parser.add_argument("--skip_decode", action="store_true", default=None if defaults_none else False,
-                                help=help_)
+            # --no-skip_decode turns off a checkpoint's skip_decode from the command line
+            parser.add_argument("--skip_decode", action=argparse.BooleanOptionalAction,
+                                default=None if defaults_none else False, help=help_)
             continue
         kw: Dict[str, Any] = {"default": None if defaults_none else default, "help": help_}
         if f.name == "key_summary":
