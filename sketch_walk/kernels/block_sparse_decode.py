@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import check_block_size, int32_lists, pow2, unit_stride
+
 _LOG2E = 1.4426950408889634
 
 
@@ -122,10 +124,6 @@ def _decode_reduce_kernel(
     tl.store(Lse + row, tl.where(seen, (m_safe + tl.math.log2(den_safe)) * 0.6931471805599453, float("-inf")))
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 _SM_COUNT = {}
 
 
@@ -159,23 +157,12 @@ def block_sparse_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     h_kv, n = k_cache.shape[1], k_cache.shape[2]
     if h % h_kv:
         raise ValueError(f"query heads {h} must be a multiple of key heads {h_kv}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size {block_size} must be a power of two >= 16")
+    check_block_size(block_size)
     if block_idx.shape[:2] != (b, h_kv) or block_cnt.shape != (b, h_kv):
         raise ValueError(f"block lists {tuple(block_idx.shape)} / {tuple(block_cnt.shape)} do not match (B, H_kv)")
     group = h // h_kv
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k_cache.stride(-1) != 1:
-        k_cache = k_cache.contiguous()
-    if v_cache.stride(-1) != 1:
-        v_cache = v_cache.contiguous()
-    block_idx = block_idx.to(torch.int32)
-    if block_idx.stride(-1) != 1:
-        block_idx = block_idx.contiguous()
-    block_cnt = block_cnt.to(torch.int32)
-    if not block_cnt.is_contiguous():
-        block_cnt = block_cnt.contiguous()
+    q, k_cache, v_cache = unit_stride(q, k_cache, v_cache)
+    block_idx, block_cnt = int32_lists(block_idx, block_cnt)
     max_kept = block_idx.shape[-1]      # counts must not exceed it (the list format's contract)
 
     if out is None:
@@ -191,7 +178,7 @@ def block_sparse_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if max_kept == 0 or n == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    bd = max(16, _pow2(d))
+    bd = max(16, pow2(d))
     if blocks_per_split is None:
         blocks_per_split = max(1, triton.cdiv(max_kept * b * h_kv, _target_programs(q.device)))
     splits = triton.cdiv(max_kept, blocks_per_split)
@@ -204,9 +191,9 @@ def block_sparse_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
         h_kv, n, blocks_per_split, splits,
-        GROUP=group, BLOCK_H=max(16, _pow2(group)), BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_D=bd,
+        GROUP=group, BLOCK_H=max(16, pow2(group)), BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_D=bd,
         num_warps=num_warps, num_stages=num_stages)
     _decode_reduce_kernel[(b * h,)](
         opart, lpart, out, lse, out.stride(0), out.stride(1), h, splits,
-        HEAD_DIM=d, BLOCK_D=bd, BLOCK_S=max(2, _pow2(splits)), num_warps=4 if bd >= 128 else 2)
+        HEAD_DIM=d, BLOCK_D=bd, BLOCK_S=max(2, pow2(splits)), num_warps=4 if bd >= 128 else 2)
     return out, lse

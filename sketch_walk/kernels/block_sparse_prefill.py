@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import check_block_size, int32_lists, pow2, unit_stride
+
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -167,33 +169,29 @@ def _block_sparse_prefill_kernel(
 _M_BUDGET = 256 * 128      # BLOCK_M * BLOCK_D elements of fp32 accumulator per program (at most)
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def default_hpp(group: int, block_size: int, head_dim: int, budget: int = _M_BUDGET) -> int:
     """Most query heads of a group whose packed tile (pow2(HPP * B) x pow2(d)) fits ``budget``."""
-    bd = max(16, _pow2(head_dim))
+    bd = max(16, pow2(head_dim))
     for hpp in range(group, 0, -1):
-        if group % hpp == 0 and _pow2(hpp * block_size) * bd <= budget:
+        if group % hpp == 0 and pow2(hpp * block_size) * bd <= budget:
             return hpp
     return 1
 
 
 def candidate_configs(group: int, block_size: int, head_dim: int) -> list:
     """The GPU autotune space: (HPP, KPI, num_warps, num_stages) variants for this geometry."""
-    bd = max(16, _pow2(head_dim))
+    bd = max(16, pow2(head_dim))
     hpp_full = default_hpp(group, block_size, head_dim)
     hpp_half = default_hpp(group, block_size, head_dim, budget=_M_BUDGET // 2)
     cfgs = []
     seen = set()
 
     def add(hpp, kpi, w, s):
-        m = _pow2(hpp * block_size)
+        m = pow2(hpp * block_size)
         if (hpp, kpi, w, s) in seen or kpi * block_size > 256:
             return
         # keep the S tile (M x KPI*B fp32) plus the accumulator within ~256 registers a thread
@@ -208,7 +206,7 @@ def candidate_configs(group: int, block_size: int, head_dim: int) -> list:
     add(hpp_half, 1, 4, 3)
     # (HPP full, KPI 2, 16 warps) was tried: 2.9 s vs 0.31 s at 128K full density (register spills), dropped
     if not cfgs:
-        cfgs.append(triton.Config({"HPP": 1, "KPI": 1, "BLOCK_M": _pow2(block_size)}, num_warps=4, num_stages=2))
+        cfgs.append(triton.Config({"HPP": 1, "KPI": 1, "BLOCK_M": pow2(block_size)}, num_warps=4, num_stages=2))
     return cfgs
 
 
@@ -255,25 +253,14 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     h_kv = k.shape[1]
     if h % h_kv or k.shape[0] != b or k.shape[2] != n or k.shape[3] != d:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size {block_size} must be a power of two >= 16")
+    check_block_size(block_size)
     group = h // h_kv
     nb = (n + block_size - 1) // block_size
     if block_idx.shape[:3] != (b, h_kv, nb) or block_cnt.shape != (b, h_kv, nb):
         raise ValueError(f"block lists {tuple(block_idx.shape)} / {tuple(block_cnt.shape)} do not match "
                          f"(B, H_kv, n_b) = {(b, h_kv, nb)}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    block_idx = block_idx.to(torch.int32)
-    if block_idx.stride(-1) != 1:
-        block_idx = block_idx.contiguous()
-    block_cnt = block_cnt.to(torch.int32)
-    if block_cnt.stride(-1) != 1:
-        block_cnt = block_cnt.contiguous()
+    q, k, v = unit_stride(q, k, v)
+    block_idx, block_cnt = int32_lists(block_idx, block_cnt)
     max_kept = block_idx.shape[-1]      # counts must not exceed it (the list format's contract)
 
     if out is None:
@@ -289,7 +276,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if max_kept == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    bd = max(16, _pow2(d))
+    bd = max(16, pow2(d))
     args = (q, k, v, out, lse, block_idx, block_cnt, scale * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -297,7 +284,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             out.stride(0), out.stride(1), out.stride(2),
             block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
             block_cnt.stride(0), block_cnt.stride(1),
-            h_kv, n, nb, _pow2(nb), _pow2(max_kept))
+            h_kv, n, nb, pow2(nb), pow2(max_kept))
     meta = dict(GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_D=bd)
 
     pinned = config or _parse_config_env()
@@ -306,7 +293,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if pinned is not None:
         hpp, kpi = int(pinned["HPP"]), int(pinned.get("KPI", 1))
         grid = (b * h_kv * triton.cdiv(group, hpp), nb)
-        _block_sparse_prefill_kernel[grid](*args, **meta, HPP=hpp, KPI=kpi, BLOCK_M=_pow2(hpp * block_size),
+        _block_sparse_prefill_kernel[grid](*args, **meta, HPP=hpp, KPI=kpi, BLOCK_M=pow2(hpp * block_size),
                                            num_warps=int(pinned.get("num_warps", 4)),
                                            num_stages=int(pinned.get("num_stages", 2)))
         return out, lse
