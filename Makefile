@@ -7,8 +7,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= results/demo
-DEMO_SAMPLES ?= 3
-DEMO_LENGTH ?= 1024
+DEMO_SAMPLES ?= 5
+DEMO_LENGTH ?= 4096
 
 .PHONY: install install-test demo test clean-demo
 
