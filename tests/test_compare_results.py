@@ -293,3 +293,11 @@ def test_seed_command_as_written(tmp_path):
     assert vs["lost"] == 1 and vs["gained"] == 1
     assert (out / "comparison_report.md").is_file() and (out / "accuracy_vs_density_niah_single_1.png").is_file()
     assert math.isclose(data["cells"][0]["runs"]["seerattn"]["density_prefill"], 0.25)
+
+
+def test_wilson_interval_contains_the_point_estimate():
+    # 100% of 10 once gave an upper bound of 0.9999999999999999 and broke the error-bar plot
+    for n in range(1, 80):
+        for k in range(n + 1):
+            lo, hi = cr.wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)

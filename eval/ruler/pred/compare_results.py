@@ -158,7 +158,9 @@ def wilson_interval(successes: float, n: int, z: float = Z95):
     denom = 1.0 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    # At p = 0 or 1 the bounds equal p exactly in real arithmetic; in floats they can miss it by
+    # one rounding (100% of 10 gave hi 0.9999999999999999), so keep p inside the interval.
+    return max(0.0, min(p, center - half)), min(1.0, max(p, center + half))
 
 
 def bootstrap_interval(values, idx):
