@@ -47,7 +47,6 @@ target density (``--target_density``, 0.3) at each eval length.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -60,6 +59,7 @@ import torch
 
 from sketch_walk.block_sparse import attended_pairs_prefill, causal_pairs, mask_to_block_lists
 from sketch_walk.errors import UsageError, cli_main
+from sketch_walk.model_loader import sha256_file
 
 from .checkpoint import save_checkpoint
 from .config import SeerAttnConfig
@@ -568,7 +568,7 @@ def train(args) -> Dict[str, Any]:
         "base_model": args.base_model, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "corpus": {"path": os.path.basename(args.corpus), "sha256": _sha256_file(args.corpus), "chars": len(text),
+        "corpus": {"path": os.path.basename(args.corpus), "sha256": sha256_file(args.corpus), "chars": len(text),
                    "heldout": f"first {args.heldout_frac:.0%} of the text ({len(held_text)} chars, "
                               f"{held_ids.numel()} tokens)",
                    "train_tokens": int(train_ids.numel())},
@@ -657,13 +657,6 @@ def _chunk_bytes(args, device) -> int:
     mb = args.max_chunk_mb or (1024 if device.type == "cuda" else 64)
     return mb << 20
 
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @cli_main

@@ -63,7 +63,8 @@ def cache_dir() -> str:
     return os.environ.get("SKETCH_WALK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sketch_walk"))
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -129,7 +130,7 @@ def _convert_gguf(src: ModelSource) -> str:
         return target
     gguf_path = os.path.join(src.location, src.gguf_file)
     if src.label in EMBEDDED_MODELS:
-        actual = _sha256(gguf_path)
+        actual = sha256_file(gguf_path)
         if actual != src.fingerprint:
             emb = EMBEDDED_MODELS[src.label]
             raise UsageError(f"{gguf_path} has sha256 {actual}, expected {src.fingerprint}; reinstall it with: "

@@ -83,6 +83,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from sketch_walk.errors import UsageError, cli_main  # noqa: E402
+from sketch_walk.model_loader import sha256_file  # noqa: E402
 
 PREPARE = RULER_DIR / "data" / "prepare.py"
 CALL_API = RULER_DIR / "pred" / "call_api.py"
@@ -453,14 +454,6 @@ class Step:
 def _script(path: Path) -> str:
     rel = os.path.relpath(path, os.getcwd())
     return rel if not rel.startswith("..") else str(path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def data_dir(sw: Sweep, length) -> Path:

@@ -62,6 +62,7 @@ SERVER_TYPES = {"hf": "hf", "sketchwalk": "SketchWalk", "seerattn": "SeerAttn"}
 # add_arguments: one list of knobs, defaults and help). Unset flags fall back to a checkpoint's
 # values, then to the config's defaults.
 from sketch_walk.config import SketchWalkConfig, add_arguments as _add_knob_arguments  # noqa: E402
+from sketch_walk.model_loader import sha256_file  # noqa: E402
 
 SKETCH_FLAGS = SketchWalkConfig.field_names()
 SEER_FLAGS = ["threshold", "nz_ratio"]
@@ -298,11 +299,7 @@ def checkpoint_fingerprint(folder: Optional[str]) -> Optional[Dict[str, str]]:
         path = os.path.join(folder, name)
         if name == "config.json" or name.startswith(".") or not os.path.isfile(path):
             continue
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        out[name] = digest.hexdigest()
+        out[name] = sha256_file(path)
     return out
 
 
