@@ -66,7 +66,7 @@ class FakeRunner:
         self.rc = rc
         self.predict_only = predict_only  # predict this many samples, then "die"
 
-    def __call__(self, cmd):
+    def __call__(self, cmd, **kw):            # kw: stdout / stderr of a --jobs run (ignored here)
         self.calls.append(cmd)
         name = script_of(cmd)
         if self.fail_on and self.fail_on(cmd):
@@ -216,6 +216,44 @@ def test_run_then_resume_skips_everything(tmp_path, capsys, monkeypatch):
     skipped = [s for s, _ in commands(out)]
     assert skipped == [True] * 16 + [False]
     assert "# skip (data up to date" in out and "# skip (all 3 samples predicted)" in out
+
+
+def test_parallel_jobs_same_files_longest_first(tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    fake = FakeRunner()
+    monkeypatch.setattr(rs, "_run_command", fake)
+    code, out, err = run_main([cfg, "--jobs", "3"], capsys)
+    assert code == 0, err
+    kinds = fake.kinds()
+    # prepare first, all predicts, then evaluate and compare (the order of the sequential run)
+    assert kinds == ["prepare.py"] * 4 + ["call_api.py"] * 8 + ["evaluate.py"] * 4 + ["compare_results.py"]
+    assert flag(fake.calls[4], "--save_dir").endswith("2048")      # longest cells are started first
+    root = tmp_path / "root"
+    for m in ("dense", "sw"):
+        for length in (1024, 2048):
+            for task in ("niah_single_1", "vt"):
+                assert len((root / f"pred/{m}/{length}/{task}.jsonl").read_text().splitlines()) == 3
+    log = [json.loads(l) for l in (root / "sweep_log.jsonl").read_text().splitlines()]
+    assert sum(1 for e in log if e.get("jobs") == 3) == 8
+    assert len(list((root / "pred/_logs").glob("*.log"))) == 8
+    # resume: nothing left to predict
+    fake2 = FakeRunner()
+    monkeypatch.setattr(rs, "_run_command", fake2)
+    code, out, err = run_main([cfg, "--jobs", "3"], capsys)
+    assert code == 0 and fake2.kinds() == ["compare_results.py"]
+    code, out, err = run_main([cfg, "--jobs", "0"], capsys)
+    assert code == 2 and "--jobs 0" in err
+
+
+def test_parallel_failure_reported_after_all_finish(tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    fake = FakeRunner(fail_on=lambda c: script_of(c) == "call_api.py" and "/sw/" in flag(c, "--save_dir") + "/"
+                      and flag(c, "--task") == "vt")
+    monkeypatch.setattr(rs, "_run_command", fake)
+    code, out, err = run_main([cfg, "--jobs", "2"], capsys)
+    assert code == 3 and "predict sw vt@" in err
+    kinds = fake.kinds()
+    assert kinds.count("call_api.py") == 8 and "evaluate.py" not in kinds   # the others ran; nothing after
 
 
 def test_partial_predictions_are_resumed(tmp_path, capsys, monkeypatch):

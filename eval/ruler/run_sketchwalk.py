@@ -636,9 +636,74 @@ class StepFailed(Exception):
 _run_command = subprocess.run  # replaced in tests
 
 
-def execute(sw: Sweep, steps, runner=None, out=None):
+def _length_of(step) -> int:
+    """The cell length of a predict step (its label ends with ``@length``), for longest-first scheduling."""
+    try:
+        return int(step.label.rsplit("@", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _run_parallel(sw: Sweep, batch, jobs: int, runner, out):
+    """Run independent predict steps ``jobs`` at a time, longest cells first.
+
+    Each step's output goes to ``{root}/pred/_logs/<label>.log`` (git-ignored with the predictions);
+    one line per start and end is printed. Every step runs to its end even if another fails (each
+    resumes by itself next time); the first failure is raised afterwards.
+    """
+    import concurrent.futures as cf
+
+    log_dir = sw.root / "pred" / "_logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    failures = []
+
+    def one(item):
+        i, step = item
+        log = log_dir / (re.sub(r"[^A-Za-z0-9_.@-]+", "_", step.label) + ".log")
+        print(f"[{i}/{len(steps_all)}] start {step.label} (log {log})", file=out, flush=True)
+        t0 = time.time()
+        started = _dt.datetime.now().isoformat(timespec="seconds")
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(f"+ {shlex.join(step.cmd)}\n")
+            fh.flush()
+            rc = runner(step.cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+        seconds = round(time.time() - t0, 3)
+        _log(sw, {"started": started, "step": step.kind, "label": step.label, "rc": rc,
+                  "seconds": seconds, "cmd": step.cmd, "jobs": jobs})
+        print(f"[{i}/{len(steps_all)}] done {step.label}: exit {rc} in {seconds:.0f} s", file=out, flush=True)
+        if rc != 0:
+            failures.append(StepFailed(step, rc, f" (log {log})"))
+
+    steps_all = batch["all"]
+    order = sorted(batch["items"], key=lambda it: -_length_of(it[1]))
+    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, order))
+    if failures:
+        raise failures[0]
+
+
+def execute(sw: Sweep, steps, runner=None, out=None, jobs: int = 1):
+    """Run the plan in order; with ``jobs`` > 1 the pending predict steps run that many at a time.
+
+    Predict steps are independent (each writes its own method/length/task file), so a small model
+    that leaves the GPU idle at batch 1 can serve several prompts streams at once. Prepare steps run
+    before and evaluate/compare after them, as in the sequential order.
+    """
     runner = runner or _run_command
     out = out or sys.stdout
+    if jobs > 1:
+        pending = [(i, s) for i, s in enumerate(steps, 1) if s.kind == "predict" and not s.skip]
+        if len(pending) > 1:
+            first = min(i for i, _ in pending)
+            before = [s for s in steps[:first - 1]]
+            execute(sw, before, runner, out)
+            for i, s in enumerate(steps, 1):
+                if s.kind == "predict" and s.skip:
+                    print(f"[{i}/{len(steps)}] skip {s.label}: {s.skip}", file=out, flush=True)
+            _run_parallel(sw, {"all": steps, "items": pending}, jobs, runner, out)
+            rest = [s for i, s in enumerate(steps, 1) if i > first - 1 and s.kind != "predict"]
+            execute(sw, rest, runner, out)
+            return
     for i, step in enumerate(steps, 1):
         if step.skip:
             print(f"[{i}/{len(steps)}] skip {step.label}: {step.skip}", file=out, flush=True)
@@ -706,6 +771,8 @@ def build_parser():
     p.add_argument("--only", nargs="+", choices=["prepare", "predict", "evaluate", "compare"],
                    help="run only these phases")
     p.add_argument("--python", help="interpreter for the scripts (default: this one)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="predict steps run at once (a small model at batch 1 leaves the GPU idle; default 1)")
     p.add_argument("--dry_run", action="store_true", help="print the commands; run nothing")
     return p
 
@@ -719,6 +786,8 @@ def main(argv=None):
     cfg = load_config(args.config)
     sw = build_sweep(cfg, args)
     phases = tuple(args.only) if args.only else ("prepare", "predict", "evaluate", "compare")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: must be at least 1")
     steps = plan(sw, phases)
     if args.dry_run:
         print_plan(sw, steps)
@@ -726,7 +795,7 @@ def main(argv=None):
     for note in sw.notes:
         print(note, flush=True)
     try:
-        execute(sw, steps)
+        execute(sw, steps, jobs=args.jobs)
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.rc if 0 < exc.rc < 256 else 1
