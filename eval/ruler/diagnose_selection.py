@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Why does a block selector miss? Per layer, does it keep the needle for the question's query block?
+
+    python eval/ruler/diagnose_selection.py --data_file DATA.jsonl --model smollm2 \
+        --output results/ruler/diagnose/niah_multikey_1_8192.json [--num_samples 24] [--follow dense]
+
+For every sample of a RULER data file (as prepare.py wrote it) the prompt is prefilled once (no
+generation). At every sparse layer, each selector variant picks blocks from the same query / key
+tensors; for the LAST query block of the prompt (it holds the question and the answer prefix, whose
+attention decides the first answer token) we record, per variant:
+
+* ``needle_kept``: whether every block that holds a token of the expected answer (``outputs``; found
+  by character offsets in the prompt, so the needle's value, not the question) is in its kept list;
+* ``mass``: the exact attention mass of that query block that the kept blocks carry (mean over heads
+  and the block's queries; 1.0 = nothing lost);
+* per layer, ``needle_mass_rank`` / ``needle_mass``: the needle blocks' best rank and total share in
+  the exact mass (how much the dense model itself looks at the needle from the question).
+The summary's ``needle_recall_vs_oracle``: of the (sample, layer) pairs where the oracle's top-k keeps
+the needle, the share where the variant keeps it too.
+
+``--follow dense`` (default) runs every layer dense, so all variants see the dense model's tensors
+(a per-layer test of the selection alone); ``--follow NAME`` feeds the named variant's lists to the
+kernel, so the later layers see the sparse run's tensors (what the real run sees). The variants:
+sketchwalk (defaults), sketchwalk_onehop (walk_damping 0), sketchwalk_mean (key_summary mean),
+sketchwalk_mean_onehop, oracle (exact block mass, top-k of it), local; all at the same budget.
+Output: one JSON with per-sample, per-layer records and a summary (per variant: the share of
+samples whose needle is kept at every sparse layer, per layer, and per needle depth).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from sketch_walk.config import SketchWalkConfig  # noqa: E402
+from sketch_walk.errors import UsageError, cli_main  # noqa: E402
+from sketch_walk.hook import enable_sparse_attention  # noqa: E402
+from sketch_walk.selector import BlockSelector  # noqa: E402
+from sketch_walk.sketch_walk_selector import SketchWalkSelector  # noqa: E402
+
+VARIANTS = {
+    "sketchwalk": {},
+    "sketchwalk_onehop": {"walk_damping": 0.0},
+    "sketchwalk_mean": {"key_summary": "mean"},
+    "sketchwalk_mean_onehop": {"key_summary": "mean", "walk_damping": 0.0},
+    "oracle": {"selector": "oracle"},
+    "local": {"selector": "local"},
+}
+
+
+def last_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """Exact attention mass per key block of the prompt's last query block: (n_b,) fp32.
+
+    q (B=1, H, n, d), k (1, H_kv, n, d); mean over heads and over the block's real queries.
+    """
+    _, h, n, d = q.shape
+    hkv = k.shape[1]
+    first = ((n - 1) // block_size) * block_size
+    qq = q[0, :, first:].float()                                       # (H, t, d)
+    kk = k[0].float().repeat_interleave(h // hkv, dim=0)               # (H, n, d)
+    s = torch.einsum("htd,hnd->htn", qq, kk) * scale
+    pos_q = torch.arange(first, n, device=q.device).unsqueeze(-1)
+    s = s.masked_fill(torch.arange(n, device=q.device) > pos_q, float("-inf"))
+    p = torch.softmax(s, dim=-1).mean(dim=(0, 1))                      # (n,)
+    nb = (n + block_size - 1) // block_size
+    return torch.nn.functional.pad(p, (0, nb * block_size - n)).view(nb, block_size).sum(-1)
+
+
+class ProbeSelector(BlockSelector):
+    """Runs several selectors side by side on each sparse layer and records their last-row picks."""
+
+    def __init__(self, configs: Dict[str, SketchWalkConfig], follow: str):
+        self.selectors = {name: SketchWalkSelector(c) for name, c in configs.items()}
+        base = next(iter(configs.values()))
+        self.block_size = base.block_size
+        self.dense_layers = base.dense_layers
+        self.name = "probe"
+        self.follow = follow
+        self.needle_blocks: List[int] = []
+        self.records: List[Dict] = []
+
+    def reset(self, batch_size: int) -> None:
+        for s in self.selectors.values():
+            s.reset(batch_size)
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.dense_layers
+
+    def select_prefill(self, layer_idx, module, query, key):
+        n = query.shape[2]
+        bs = self.block_size
+        nb = (n + bs - 1) // bs
+        scale = float(getattr(module, "scaling", query.shape[-1] ** -0.5))
+        mass = last_block_mass(query, key, bs, scale)
+        rec = {"layer": layer_idx}
+        lists = {}
+        needles = set(self.needle_blocks)
+        for name, sel in self.selectors.items():
+            idx, cnt = sel.select_prefill(layer_idx, module, query, key)
+            lists[name] = (idx, cnt)
+            row = idx[0, 0, nb - 1, : int(cnt[0, 0, nb - 1])].tolist()
+            kept = set(row)
+            rec[name] = {"needle_kept": bool(needles) and needles <= kept,
+                         "mass": round(float(mass[row].sum()), 4)}
+        # the oracle's ranking of the needle blocks (exact mass): where does the needle stand at all?
+        order = torch.argsort(mass, descending=True).tolist()
+        rec["needle_mass_rank"] = min((order.index(j) + 1 for j in needles), default=None)
+        rec["needle_mass"] = round(float(mass[sorted(needles)].sum()), 4) if needles else None
+        self.records.append(rec)
+        if self.follow == "dense":
+            full = torch.arange(nb, device=query.device, dtype=torch.int32)
+            idx = torch.where(full.unsqueeze(0) <= full.unsqueeze(1), full.unsqueeze(0),
+                              torch.full_like(full.unsqueeze(0), -1))
+            cnt = (full + 1)
+            hkv = key.shape[1]
+            return (idx.expand(1, hkv, nb, nb).contiguous(), cnt.expand(1, hkv, nb).contiguous())
+        return lists[self.follow]
+
+    def select_decode(self, layer_idx, module, query, key_cache):
+        raise UsageError("diagnose_selection.py runs prefill only")
+
+
+def needle_token_blocks(tokenizer, text: str, answers: List[str], block_size: int) -> List[int]:
+    """Blocks of the prompt tokens that overlap the first occurrence of each answer string."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    blocks = set()
+    for ans in answers:
+        pos = text.find(ans)
+        if pos < 0:
+            continue
+        end = pos + len(ans)
+        for t, (a, b) in enumerate(enc["offset_mapping"]):
+            if a < end and b > pos:
+                blocks.add(t // block_size)
+    return sorted(blocks)
+
+
+def summarise(samples: List[Dict], names: List[str]) -> Dict:
+    out = {}
+    for name in names:
+        per_layer: Dict[int, List[bool]] = {}
+        all_layers, by_depth = [], {}
+        masses = []
+        for s in samples:
+            kept = [r[name]["needle_kept"] for r in s["layers"]]
+            for r in s["layers"]:
+                per_layer.setdefault(r["layer"], []).append(r[name]["needle_kept"])
+                masses.append(r[name]["mass"])
+            ok = all(kept)
+            all_layers.append(ok)
+            by_depth.setdefault(str(s.get("depth")), []).append(ok)
+        # recall against the oracle: of the (sample, layer) pairs where the exact top-k keeps the needle,
+        # the share where this variant keeps it too (early layers, where even the oracle drops it, don't count)
+        both = [r[name]["needle_kept"] for s in samples for r in s["layers"]
+                if "oracle" in r and r["oracle"]["needle_kept"]]
+        out[name] = {
+            "needle_recall_vs_oracle": round(sum(both) / len(both), 3) if both else None,
+            "needle_kept_every_layer": round(sum(all_layers) / max(1, len(all_layers)), 3),
+            "mean_mass_last_block": round(sum(masses) / max(1, len(masses)), 4),
+            "needle_kept_per_layer": {str(k): round(sum(v) / len(v), 3) for k, v in sorted(per_layer.items())},
+            "needle_kept_every_layer_by_depth": {k: f"{sum(v)}/{len(v)}" for k, v in sorted(by_depth.items())},
+        }
+    return out
+
+
+@cli_main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data_file", required=True, help="a RULER data jsonl written by prepare.py")
+    p.add_argument("--model", default="smollm2", help="model alias, .gguf, folder or hub name")
+    p.add_argument("--output", required=True, help="JSON file to write")
+    p.add_argument("--num_samples", type=int, default=None, help="first N samples (default: all)")
+    p.add_argument("--follow", default="dense", help="dense, or a variant whose lists the model runs on")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--top_k_blocks", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.data_file):
+        raise UsageError(f"--data_file {args.data_file}: no such file (make it with eval/ruler/data/prepare.py)")
+    if args.follow != "dense" and args.follow not in args.variants:
+        raise UsageError(f"--follow {args.follow}: choose dense or one of --variants")
+    from sketch_walk.model_loader import load_model
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    configs = {v: SketchWalkConfig(top_k_blocks=args.top_k_blocks, dense_last_blocks=0, **VARIANTS[v])
+               for v in args.variants}
+    probe = ProbeSelector(configs, args.follow)
+    enable_sparse_attention(model, probe)
+    device = next(model.parameters()).device
+    with open(args.data_file, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    rows = rows[: args.num_samples] if args.num_samples else rows
+    samples = []
+    t0 = time.time()
+    for r in rows:
+        text = r["input"]
+        probe.needle_blocks = needle_token_blocks(tok, text, r["outputs"], probe.block_size)
+        probe.records = []
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        samples.append({"index": r["index"], "depth": r.get("depth"), "tokens": ids.shape[1],
+                        "needle_blocks": probe.needle_blocks, "layers": probe.records})
+        print(f"sample {r['index']}: depth {r.get('depth')} needle blocks {probe.needle_blocks} " +
+              " ".join(f"{n}={sum(x[n]['needle_kept'] for x in probe.records)}/{len(probe.records)}"
+                       for n in args.variants), flush=True)
+    result = {"data_file": args.data_file, "model": args.model, "follow": args.follow,
+              "top_k_blocks": args.top_k_blocks, "variants": {v: VARIANTS[v] for v in args.variants},
+              "device": str(device), "seconds": round(time.time() - t0, 1),
+              "summary": summarise(samples, args.variants), "samples": samples}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tmp = args.output + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(tmp, args.output)
+    print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
