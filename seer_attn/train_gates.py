@@ -445,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout_frac", type=float, default=0.1, help="head of the corpus kept out of training")
     p.add_argument("--heldout_seqs", type=int, default=4, help="held-out sequences per eval length")
     p.add_argument("--eval_seq_len", default=None, help="comma-separated eval lengths (default: seq_len)")
-    p.add_argument("--target_density", type=float, default=0.3)
+    p.add_argument("--target_density", type=_target_densities, default={None: 0.3},
+                   help="held-out density to find a threshold for: 0.3 (every eval length) or per length, "
+                        "e.g. 2048:0.8,4096:0.52,8192:0.31 (e.g. SketchWalk's measured densities)")
     p.add_argument("--eval_every", type=int, default=0,
                    help="every N steps log the held-out KL (first eval length; its features are extracted once)")
     p.add_argument("--no_eval", action="store_true", help="skip the held-out evaluation")
@@ -597,7 +599,7 @@ def train(args) -> Dict[str, Any]:
         _, saved = load_checkpoint(args.output, map_location=str(device))
         for L, seqs in held.items():
             feats = [extractor(s, want_mass=True) for s in seqs]
-            summary["heldout"][str(L)] = evaluate(saved, cfg, feats, L, rope_cs, args.target_density)
+            summary["heldout"][str(L)] = evaluate(saved, cfg, feats, L, rope_cs, _target_for(args, L))
             del feats
         summary["eval_seconds"] = round(time.time() - t0, 1)
     extractor.close()
@@ -643,7 +645,7 @@ def evaluate_checkpoint(args) -> Dict[str, Any]:
                              f"sequences of {L}")
         feats = [extractor(s, want_mass=True) for s in seqs]
         summary["heldout"][str(L)] = evaluate(gates, cfg, feats, L,
-                                              lambda nb: rope.blocks(nb, cfg.block_size, device), args.target_density)
+                                              lambda nb: rope.blocks(nb, cfg.block_size, device), _target_for(args, L))
         summary["heldout"][str(L)]["eval_seconds"] = round(time.time() - t0, 1)
         del feats
     extractor.close()
@@ -651,6 +653,28 @@ def evaluate_checkpoint(args) -> Dict[str, Any]:
         json.dump(summary, fh, indent=2)
         fh.write("\n")
     return summary
+
+
+def _target_densities(text: str) -> Dict[Optional[int], float]:
+    """'0.3' -> {None: 0.3}; '2048:0.8,8192:0.31' -> {2048: 0.8, 8192: 0.31} (argparse type)."""
+    out: Dict[Optional[int], float] = {}
+    try:
+        for part in text.split(","):
+            if ":" in part:
+                n, d = part.split(":")
+                out[int(n)] = float(d)
+            else:
+                out[None] = float(part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': give a density (0.3) or length:density pairs (4096:0.5,8192:0.3)")
+    if not out or any(not 0 < d <= 1 for d in out.values()):
+        raise argparse.ArgumentTypeError(f"'{text}': densities must lie in (0, 1]")
+    return out
+
+
+def _target_for(args, length: int) -> float:
+    t = args.target_density
+    return t.get(length, t.get(None, 0.3))
 
 
 def _chunk_bytes(args, device) -> int:
