@@ -235,6 +235,18 @@ def random_lists(nb: int, top_k: int, device):
         cnt.view(1, 1, nb).expand(1, HKV, nb).contiguous()
 
 
+def select_breakdown(sel, q, k) -> dict:
+    """Each Triton launch of the prefill selection timed alone (sketch_walk.kernels.prefill_selection)."""
+    from sketch_walk.kernels.prefill_selection import stage_callables
+    c = sel.config
+    s_mat = sel._srht(3, D, q.device) if c.key_summary == "mean" else None
+    fns = stage_callables(q, k, block_size=c.block_size, scale=1.0 / math.sqrt(D), key_summary=c.key_summary,
+                          select_per=c.select_per, srht_matrix=s_mat, sparsity_exponent=c.sparsity_exponent,
+                          walk_damping=c.walk_damping, r_prev=sel.state.walk_r, n_sink=c.n_sink,
+                          n_local=c.n_local, top_k=c.top_k_blocks, dense_last=c.dense_last_blocks)
+    return {name: bench_ms(fn) for name, fn in fns.items()}
+
+
 # ----------------------------------------------------------------------------------------------
 # the measurements
 # ----------------------------------------------------------------------------------------------
@@ -346,6 +358,11 @@ def prefill_rows(n: int, top_ks, sweep: bool, res: dict, quick: bool) -> None:
             if sel is not None:
                 f_sel = lambda: sel.select_prefill(3, None, q, k)  # noqa: E731
                 t["select_ms"] = bench_ms(f_sel)
+                try:
+                    t["select_breakdown_ms"] = select_breakdown(sel, q, k)
+                    print(f"[{n}] top_k {tk}: selection stages (ms) {t['select_breakdown_ms']}", flush=True)
+                except Exception as e:
+                    t["select_breakdown_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 t["select_peak_mb"] = peak_mb(f_sel)
 
                 def f_sw():
@@ -409,6 +426,8 @@ def decode_rows(n: int, top_ks, res: dict) -> None:
                 rewind()
                 idx, cnt = sel.select_decode(3, None, q1, kc)
                 t["lists"] = "SketchWalkSelector.select_decode, layer 3"
+                # "triton": the 3-launch fused selection of sketch_walk.kernels.decode_select; "torch": the op-by-op path
+                t["select_path"] = "triton" if sel._fused_decode(q1.device) else "torch"
             else:
                 sel, rewind = None, None
                 m = torch.zeros(1, 1, nb, dtype=torch.bool, device=dev)
@@ -435,11 +454,18 @@ def decode_rows(n: int, top_ks, res: dict) -> None:
                     return block_sparse_decode_triton(q1, kc, vc, i2, c2, BS)
                 t["sketchwalk_ms"] = bench_ms(lambda: (rewind(), f_sw()), min_reps=20)
                 t["sketchwalk_graph_ms"], t["sketchwalk_graph_ok"] = graph_step_ms(f_sw, before=rewind)
+                # one step per graph: do_bench flushes L2 before every replay, so the layer's Kmax / Kmin /
+                # W_cache (~24 MB at 128K, which 20 replays of the same layer would keep in L2) come from HBM,
+                # as in a real decode step where every layer has its own state
+                t["select_graph1_ms"], _ = graph_step_ms(f_sel, n_steps=1, before=rewind)
+                t["sketchwalk_graph1_ms"], _ = graph_step_ms(f_sw, n_steps=1, before=rewind)
             print(f"[{n}] decode top_k {tk}: ours {t['ours_ms'] * 1e3:.1f} us (graph {t['ours_graph_ms'] * 1e3:.1f}) "
                   f"select {t.get('select_ms', float('nan')) * 1e3:.1f} us (graph "
                   f"{t.get('select_graph_ms', float('nan')) * 1e3:.1f}) sketchwalk "
                   f"{t.get('sketchwalk_ms', float('nan')) * 1e3:.1f} us (graph "
-                  f"{t.get('sketchwalk_graph_ms', float('nan')) * 1e3:.1f})", flush=True)
+                  f"{t.get('sketchwalk_graph_ms', float('nan')) * 1e3:.1f}; L2-cold 1-step graph: select "
+                  f"{t.get('select_graph1_ms', float('nan')) * 1e3:.1f}, sketchwalk "
+                  f"{t.get('sketchwalk_graph1_ms', float('nan')) * 1e3:.1f})", flush=True)
         except Exception as e:
             t["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             traceback.print_exc()

@@ -32,6 +32,10 @@ Choices where ALGORITHM.md is silent (all documented where they act):
 * dense_last_blocks acts on prefill only.
 GPU notes: no data-dependent host syncs (list widths come from shapes), no O(n^2) memory (the
 transition is accumulated per chunk of key heads), batched torch ops; the oracle is O(n^2) time.
+Decode selection (sketchwalk, walk_steps 1) runs as 3 Triton launches on CUDA
+(:mod:`sketch_walk.kernels.decode_select`, backend "triton"); the torch code below is its reference.
+Prefill selection (sketchwalk) likewise runs as ~6 Triton launches (:mod:`sketch_walk.kernels.prefill_selection`)
+with the same state; oracle and local stay torch.
 """
 from __future__ import annotations
 
@@ -126,6 +130,10 @@ class SketchWalkSelector(BlockSelector):
 
     #: bytes of per-head score matrices alive at once in prefill (chunks of key heads)
     score_budget_bytes: int = 1 << 28
+    #: selection backend (prefill and decode): None follows :func:`sketch_walk.block_sparse.resolve_backend`
+    #: (Triton kernels of :mod:`sketch_walk.kernels.prefill_selection` / :mod:`sketch_walk.kernels.decode_select`
+    #: on CUDA, torch elsewhere); "torch" / "triton" force one
+    backend: Optional[str] = None
 
     def __init__(self, config: Optional[SketchWalkConfig] = None):
         self.config = config or SketchWalkConfig()
@@ -193,6 +201,9 @@ class SketchWalkSelector(BlockSelector):
             mass = oracle_block_mass(query, key, bs, scale, c.select_per, causal=True,
                                      budget_bytes=self.score_budget_bytes)
             return self._lists(mass, rows_ids, hkv, c.dense_last_blocks)
+        from .block_sparse import resolve_backend
+        if resolve_backend(query.device, self.backend) == "triton":                      # GPU: ~6 Triton launches
+            return self._select_prefill_triton(layer_idx, query, key, scale)
 
         r = h // hkv
         rows = block_rows(n, bs, device=query.device)
@@ -221,27 +232,59 @@ class SketchWalkSelector(BlockSelector):
             self.state.layers[layer_idx] = st
         return self._lists(walk, rows_ids, hkv, c.dense_last_blocks)                   # step 7
 
+    def _select_prefill_triton(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
+                               scale: float) -> BlockLists:
+        """select_prefill's sketchwalk path in Triton (:mod:`sketch_walk.kernels.prefill_selection`: ~6 launches,
+        no host sync): the same lists, walk R, W_cache and decode summaries as the torch path above, up to TF32
+        dot products and summation order (so near-ties may pick differently)."""
+        from .kernels.prefill_selection import sketch_walk_prefill_triton
+        c = self.config
+        n, d = query.shape[2], query.shape[3]
+        res = sketch_walk_prefill_triton(
+            query, key, block_size=c.block_size, scale=scale, key_summary=c.key_summary, select_per=c.select_per,
+            srht_matrix=self._srht(layer_idx, d, query.device) if c.key_summary == "mean" else None,
+            sparsity_exponent=c.sparsity_exponent, walk_damping=c.walk_damping, walk_steps=c.walk_steps,
+            r_prev=self.state.walk_r if c.walk_damping > 0 else None, n_sink=c.n_sink, n_local=c.n_local,
+            top_k=c.top_k_blocks, dense_last=c.dense_last_blocks)
+        self.state.walk_r = res.walk
+        if not c.skip_decode:
+            st = LayerDecodeState(n=n, block_size=c.block_size, counts=res.counts, sums=res.sums, k_t=res.k_t,
+                                  kmax=res.kmax, kmin=res.kmin)
+            if c.walk_damping > 0:
+                st.w_cache = res.w
+            if c.decode_query_window > 1:
+                st.q_recent = query[:, :, max(0, n - (c.decode_query_window - 1)):].float()
+            self.state.layers[layer_idx] = st
+        return res.block_idx, res.block_cnt
+
     # ------------------------------------------------------------------------------------------
-    def _append_key(self, st: LayerDecodeState, k_new: torch.Tensor, layer_idx: int, d: int) -> int:
+    def _append_key(self, st: LayerDecodeState, k_new: torch.Tensor, layer_idx: int, d: int,
+                    fold_in_kernel: bool = False) -> int:
         """Fold the new key (B, H_kv, d) into the running summaries of its block, in O(d). Returns n_b.
 
         A new block (position a multiple of block_size) starts from count 0, sum 0, max -inf, min +inf and a
-        zero row and column of W_cache (capacity grows by doubling).
+        zero row and column of W_cache (capacity grows by doubling). ``fold_in_kernel`` (key_summary minmax on
+        the Triton decode path): only the capacity and W_cache are handled here; the count and Kmax / Kmin of
+        the block are updated by :func:`sketch_walk.kernels.decode_select.decode_select_triton`.
         """
         pos = st.n
         i = pos // st.block_size
         if pos % st.block_size == 0:                                   # a new block opens
             st.ensure_capacity(i + 1)
             # fill_ with a Python number launches a kernel; `x[i] = v` would copy a CPU scalar (a host sync)
-            st.counts[i].fill_(0)
+            if not fold_in_kernel:
+                st.counts[i].fill_(0)
             if st.sums is not None:
                 st.sums[:, :, i].fill_(0)
-            if st.kmax is not None:
+            if st.kmax is not None and not fold_in_kernel:
                 st.kmax[:, :, i].fill_(float("-inf"))
                 st.kmin[:, :, i].fill_(float("inf"))
             if st.w_cache is not None:
                 st.w_cache[:, :, i, :].fill_(0)
                 st.w_cache[:, :, :, i].fill_(0)
+        if fold_in_kernel:
+            st.n = pos + 1
+            return i + 1
         st.counts[i] += 1
         if st.sums is not None:
             st.sums[:, :, i] += k_new.double()
@@ -279,6 +322,8 @@ class SketchWalkSelector(BlockSelector):
         if st.n != n_keys - 1:
             raise RuntimeError(f"Sketch&Walk layer {layer_idx}: decode state holds {st.n} keys, the KV cache "
                                f"{n_keys - 1} before this token; one token per decode step is required")
+        if self._fused_decode(query.device):
+            return self._select_decode_fused(layer_idx, st, query, key_cache, scale)
         self._append_key(st, key_cache[:, :, -1], layer_idx, d)
 
         q_new = query[:, :, 0].float()                                               # (B, H, d)
@@ -309,3 +354,45 @@ class SketchWalkSelector(BlockSelector):
             rr = w
         idx, cnt = self._lists(rr.unsqueeze(-2), row, hkv, 0)
         return idx.squeeze(-2), cnt.squeeze(-1)
+
+    # ------------------------------------------------------------------------------------------
+    def _fused_decode(self, device) -> bool:
+        """Whether decode selection runs the Triton kernels: the backend resolves to "triton" (CUDA, or forced
+        with TRITON_INTERPRET=1) and walk_steps is 1 (or the walk is off); otherwise the torch path below."""
+        from .block_sparse import resolve_backend
+        c = self.config
+        if c.walk_steps != 1 and c.walk_damping > 0:
+            return False
+        return resolve_backend(device, self.backend) == "triton"
+
+    def _select_decode_fused(self, layer_idx: int, st: LayerDecodeState, query: torch.Tensor,
+                             key_cache: torch.Tensor, scale: float) -> BlockLists:
+        """select_decode's sketchwalk path in 3 Triton launches (:mod:`sketch_walk.kernels.decode_select`): the same
+        state updates and lists as the torch path, no host sync, graph-capturable for a given cache length."""
+        from .kernels.decode_select import decode_select_triton
+        c = self.config
+        d = query.shape[-1]
+        n_keys = key_cache.shape[2]
+        new_block = st.n % st.block_size == 0
+        minmax = c.key_summary != "mean"
+        nb = self._append_key(st, key_cache[:, :, -1], layer_idx, d, fold_in_kernel=minmax)
+        q_pool = query[:, :, 0]                                                      # (B, H, d), any dtype
+        if c.decode_query_window > 1:
+            q_new = q_pool.float().unsqueeze(2)
+            window = torch.cat([st.q_recent, q_new], dim=2) if st.q_recent is not None else q_new
+            q_pool = window.mean(dim=2)
+            st.q_recent = window[:, :, -(c.decode_query_window - 1):]
+        if minmax:
+            q_in, summ_a, summ_b = q_pool, st.kmax, st.kmin
+        else:
+            q_in, summ_a, summ_b = srht(q_pool, self._srht(layer_idx, d, query.device)), st.k_t, None
+        walk = c.walk_damping > 0
+        prev = self.state.decode_r if walk and self.state.decode_r_len == n_keys else None
+        idx, cnt, rr = decode_select_triton(
+            q_in, summ_a, summ_b, nb, scale, select_per=c.select_per, sparsity_exponent=c.sparsity_exponent,
+            walk_damping=c.walk_damping, n_sink=c.n_sink, n_local=c.n_local, top_k=c.top_k_blocks,
+            w_cache=st.w_cache if walk else None, r_prev=prev, k_new=key_cache[:, :, -1] if minmax else None,
+            counts=st.counts if minmax else None, new_block=new_block)
+        if walk:
+            self.state.decode_r, self.state.decode_r_len = rr, n_keys
+        return idx, cnt

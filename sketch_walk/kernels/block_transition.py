@@ -1,0 +1,346 @@
+"""Sketch&Walk prefill step 4 in Triton: the block transition A, without per-head n_b x n_b score matrices.
+
+Math (ALGORITHM.md steps 3, 3b, 4; the PyTorch reference is :func:`block_transition_reference`, the math of
+:func:`sketch_walk.walk.block_transition` over :func:`sketch_walk.sketch.scores_minmax` / ``scores_mean``).
+Query head h, key head g = h // r, query block i, key block j:
+
+    minmax:  Ahat_h[i, j] = scale * (<max(Qbar_h[i], 0), Kmax_g[j]> + <min(Qbar_h[i], 0), Kmin_g[j]>)
+    mean:    Ahat_h[i, j] = scale * <Qtil_h[i], Ktil_g[j]>            (sketched pooled vectors, dim k')
+    P_h[i, :] = softmax over j <= i of Ahat_h[i, :]   (j > i: 0, causal at block level)
+    A[b, g', i, j] = mean of P_h[i, j] over the heads h of output group g'
+                     (select_per "layer": all H heads, G' = 1; "kv_head": the r heads of key head g', G' = H_kv)
+
+Two passes, both recomputing the scores from the pooled vectors (O(n_b^2 d) FLOPs per head and pass,
+O(H n_b + G' n_b^2) bytes written):
+  1. ``_transition_stats_kernel``, grid (row tiles, B * H): per (b, h, row i) the base-2 log-sum-exp
+     lse2 = log2 sum_{j <= i} 2^(s_ij), s = Ahat * log2(e), by an online softmax over the causal
+     key-block tiles of its row tile (heavy row tiles first).
+  2. ``_transition_mean_kernel``, grid (row tiles, column tiles, B * G' * S): loops over the heads of
+     its output group (a 1/S share of them), recomputes the score tile and adds 2^(s - lse2); writes
+     the share's sum times 1/(heads of the group). S ("head split") > 1 gives short rows (8K-32K tokens)
+     enough programs; the S partial matrices are summed in a fixed order by whoever reads them
+     (:mod:`.row_select` does it in the same pass as the sharpening; :func:`block_transition_triton`
+     with torch), so the result is deterministic. Tiles above the diagonal are written as zeros.
+Both loop over (key tile or head) x (BLOCK_K-channel chunk) in one flat loop, the per-tile epilogue (softmax
+update, or 2^(s - lse2)) after a tile's last chunk: the persistent-matmul pattern, so Triton pipelines the
+chunk loads (cp.async) and shared memory stays ~100 KB with fp32 operands (whole-d tiles needed 256-460 KB).
+
+Cost at 128K tokens, Llama-3.1-8B geometry (n_b = 2048, H = 32, d = 128, minmax: 2d = 256 channels), per
+pass: 32 heads x 528 causal 64 x 64 tiles x 64 x 64 x 256 x 2 = 35 GFLOP of TF32 (~0.1-0.2 ms on an H100),
+inputs ~40 MB (L2-resident tiles), output 16 MB (pass 2). At 8K (n_b = 128): tiny; latency, S = 32.
+
+Dot precision. Scores accumulate in fp32; the fp32 pooled inputs enter ``tl.dot`` as TF32 on the GPU
+(``input_precision="tf32"``, 10-bit mantissa): minmax keys of a bf16/fp16 model are exact in TF32, so the
+error is Qbar's rounding, |d Ahat| <~ 2^-11 scale sum_c |q_c k_c|, ~1e-3 relative on P. The selection only
+needs the order of W, and that error is far below the sketch's own (minmax is an upper bound; mean is
+a random projection); "tf32x3" (~fp32) would triple the dominant cost (2 x 35 GFLOP at 128K tokens on
+Llama-3.1-8B geometry), "ieee" (no tensor cores) is ~8x slower. SKETCH_WALK_SELECT_DOT=tf32x3|ieee
+overrides it (for checking); the interpreter computes exact fp32 dots whatever is asked.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import pow2
+
+_LOG2E = 1.4426950408889634
+DOT_PRECISIONS = ("tf32", "tf32x3", "ieee")
+
+
+@triton.jit
+def _score_chunk(acc, QP, KA, KB, q_off, k_off, rows, row_ok, cols, kk, stride_qm, stride_km, qk_scale, N_BLOCKS,
+                 DIM: tl.constexpr, MINMAX: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) += the scaled scores of query rows ``rows`` against key blocks ``cols`` over the
+    channels [kk, kk + BLOCK_K): minmax <max(q, 0), Kmax> + <min(q, 0), Kmin>, mean <q, Ktil>. The scale
+    (scale * log2 e > 0) is applied to q, where it commutes with max(., 0) / min(., 0). Rows / key blocks
+    past N_BLOCKS and channels past DIM load as 0."""
+    offs_k = kk + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < DIM
+    q = tl.load(QP + q_off + rows[:, None].to(tl.int64) * stride_qm + offs_k[None, :],
+                mask=row_ok[:, None] & k_ok[None, :], other=0.0) * qk_scale
+    kmask = (cols < N_BLOCKS)[:, None] & k_ok[None, :]
+    koff = k_off + cols[:, None].to(tl.int64) * stride_km + offs_k[None, :]
+    ka = tl.load(KA + koff, mask=kmask, other=0.0)
+    if MINMAX:
+        kb = tl.load(KB + koff, mask=kmask, other=0.0)
+        acc = tl.dot(tl.maximum(q, 0.0), tl.trans(ka), acc, input_precision=DOT_PREC)
+        acc = tl.dot(tl.minimum(q, 0.0), tl.trans(kb), acc, input_precision=DOT_PREC)
+    else:
+        acc = tl.dot(q, tl.trans(ka), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit(do_not_specialize=["nb_key"])
+def _transition_stats_kernel(
+    QP, KA, KB, Lse,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_km,
+    H, N_BLOCKS,
+    nb_key,                                  # autotune key only (pow2 bucket of n_b)
+    GROUP: tl.constexpr,                     # r = H / H_kv
+    DIM: tl.constexpr,                       # d (minmax) or k' (mean)
+    BLOCK_D: tl.constexpr,                   # pow2 >= DIM
+    MINMAX: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,                   # channels per step (divides BLOCK_D)
+):
+    N_DK: tl.constexpr = BLOCK_D // BLOCK_K
+    n_row_tiles = tl.cdiv(N_BLOCKS, BLOCK_M)
+    pid_m = n_row_tiles - 1 - tl.program_id(0)            # longest rows first
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    g = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N_BLOCKS
+    offs_n = tl.arange(0, BLOCK_N)
+    q_off = b * stride_qb + h * stride_qh
+    k_off = b * stride_kb + g * stride_kh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    hi = tl.minimum(N_BLOCKS, (pid_m + 1) * BLOCK_M)      # causal: key blocks <= the tile's last row
+    n_iter = tl.cdiv(hi, BLOCK_N) * N_DK
+    # one flat loop over (key-block tile, channel chunk), the softmax update after a tile's last chunk
+    # (the persistent-matmul pattern: the loads of every step are pipelined)
+    for it in range(0, n_iter):
+        ck = it % N_DK
+        cols = (it // N_DK) * BLOCK_N + offs_n
+        acc = _score_chunk(acc, QP, KA, KB, q_off, k_off, rows, row_ok, cols, ck * BLOCK_K, stride_qm, stride_km,
+                           qk_scale, N_BLOCKS, DIM, MINMAX, DOT_PREC, BLOCK_K)
+        if ck == N_DK - 1:
+            s = tl.where(cols[None, :] <= rows[:, None], acc, float("-inf"))   # column 0 is in every row
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
+            m_i = m_new
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    lse = m_i + tl.math.log2(l_i)
+    tl.store(Lse + bh.to(tl.int64) * N_BLOCKS + rows, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["nb_key"])
+def _transition_mean_kernel(
+    QP, KA, KB, Lse, Out,
+    qk_scale, inv_heads,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_km,
+    stride_os, stride_ob, stride_og, stride_om,
+    H, N_BLOCKS, GP, SPLIT, HEADS_PER_SPLIT,
+    nb_key,
+    GROUP: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MINMAX: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    N_DK: tl.constexpr = BLOCK_D // BLOCK_K
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    z = tl.program_id(2)
+    sp = z % SPLIT
+    bgp = z // SPLIT
+    b = (bgp // GP).to(tl.int64)
+    gp = bgp % GP
+    heads_out = H // GP
+    h0 = gp * heads_out + sp * HEADS_PER_SPLIT
+    h1 = tl.minimum(h0 + HEADS_PER_SPLIT, (gp + 1) * heads_out)
+    causal_tile = pid_n * BLOCK_N <= pid_m * BLOCK_M + (BLOCK_M - 1)
+    n_iter = tl.where(causal_tile, tl.maximum(h1 - h0, 0), 0) * N_DK   # tiles above the diagonal: zeros
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N_BLOCKS
+    col_ok = cols < N_BLOCKS
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # one flat loop over (head of this share, channel chunk); a head's probabilities are added after its
+    # last chunk
+    for it in range(0, n_iter):
+        ck = it % N_DK
+        h = (h0 + it // N_DK).to(tl.int64)
+        g = h // GROUP
+        acc = _score_chunk(acc, QP, KA, KB, b * stride_qb + h * stride_qh, b * stride_kb + g * stride_kh, rows,
+                           row_ok, cols, ck * BLOCK_K, stride_qm, stride_km, qk_scale, N_BLOCKS, DIM, MINMAX,
+                           DOT_PREC, BLOCK_K)
+        if ck == N_DK - 1:
+            lse = tl.load(Lse + (b * H + h) * N_BLOCKS + rows, mask=row_ok, other=0.0)
+            out += tl.math.exp2(acc - lse[:, None])       # j > i may overflow to inf here; masked below
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    out = tl.where(cols[None, :] <= rows[:, None], out * inv_heads, 0.0)
+    o_ptrs = Out + sp.to(tl.int64) * stride_os + b * stride_ob + gp.to(tl.int64) * stride_og \
+        + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(o_ptrs, out, mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations
+# ----------------------------------------------------------------------------------------------
+
+_SMEM_BUDGET = 200 * 1024       # bytes of shared memory a config may plan for (H100: 227 KB a block)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision() -> str:
+    p = os.environ.get("SKETCH_WALK_SELECT_DOT", "tf32")
+    if p not in DOT_PRECISIONS:
+        raise ValueError(f"SKETCH_WALK_SELECT_DOT={p!r}: choose one of {', '.join(DOT_PRECISIONS)}")
+    return p
+
+
+def candidate_configs(block_d: int, minmax: bool) -> list:
+    """GPU autotune space of both passes: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), kept to those whose
+    pipelined fp32 stages (a BLOCK_M x BLOCK_K query chunk and 1-2 BLOCK_N x BLOCK_K key chunks) fit ~200 KB of
+    shared memory. Compiled for sm_90 with Triton 3.9 (minmax, d 64..256; mean, k' 64): 72 / 96 / 124 / 144 KB
+    of shared memory, cp.async pipelines, TF32 wgmma, no register spills except pass 2 at 128 x 128 (68 bytes).
+    (BLOCK_K 64 spilled 160-400 bytes in pass 2: left out.)"""
+    n_k = 2 if minmax else 1
+    cfgs = []
+    for bm, bn, bk, w, s in ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3)):
+        bk = min(bk, block_d)
+        if s * 4 * bk * (bm + n_k * bn) <= _SMEM_BUDGET:
+            cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+_tuned: Dict[Tuple[str, int, bool], object] = {}
+
+
+def _tuned_kernel(which: str, block_d: int, minmax: bool):
+    key = (which, block_d, minmax)
+    if key not in _tuned:
+        kern = _transition_stats_kernel if which == "stats" else _transition_mean_kernel
+        _tuned[key] = triton.autotune(configs=candidate_configs(block_d, minmax),
+                                      key=["nb_key", "GROUP", "DIM", "MINMAX", "DOT_PREC"])(kern)
+    return _tuned[key]
+
+
+def default_head_split(n_b: int, batch: int, groups: int, heads_out: int, n_sm: int = 132) -> int:
+    """Head split S of pass 2: the largest power of two <= heads_out with S x (causal 64 x 64 tiles) x B x G'
+    <= 4 programs an SM (8K tokens: S = 32 for a layer selection; 128K: S = 1)."""
+    t = (n_b + 63) // 64
+    tiles = max(1, t * (t + 1) // 2 * batch * groups)
+    s = 1
+    while s * 2 <= heads_out and tiles * s * 2 <= 4 * n_sm:
+        s *= 2
+    return s
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------
+
+def block_transition_partials(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[torch.Tensor], scale: float,
+                              select_per: str = "layer", head_split: Optional[int] = None,
+                              config: Optional[dict] = None, precision: Optional[str] = None,
+                              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Step 4 in two launches. Returns partials (S, B, G', n_b, n_b) fp32 whose sum over S is A (``out`` when
+    given: fp32, that shape, last stride 1; every element is written).
+
+    qp (B, H, n_b, D) fp32: Qbar (minmax, D = d) or Qtil (mean, D = k'); ka (B, H_kv, n_b, D) fp32: Kmax or
+    Ktil; kb: Kmin (minmax) or None (mean). ``scale`` > 0: the attention's scale. ``config`` pins
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages for both passes (the GPU autotunes otherwise, the
+    interpreter uses 16 x 16 tiles and 32-channel chunks). ``precision``: tl.dot input precision (module
+    docstring), default "tf32". ``head_split``: S (default :func:`default_head_split`).
+    """
+    minmax = kb is not None
+    if qp.dim() != 4 or ka.dim() != 4 or qp.shape[-2:] != ka.shape[-2:] or qp.shape[0] != ka.shape[0]:
+        raise ValueError(f"expected qp (B, H, n_b, D) and ka (B, H_kv, n_b, D); got {tuple(qp.shape)}, "
+                         f"{tuple(ka.shape)}")
+    if minmax and kb.shape != ka.shape:
+        raise ValueError(f"kmin {tuple(kb.shape)} != kmax {tuple(ka.shape)}")
+    if select_per not in ("layer", "kv_head"):
+        raise ValueError(f"select_per {select_per!r}")
+    if not scale > 0:
+        raise ValueError(f"the score scale must be > 0 (got {scale})")
+    b, h, nb, dim = qp.shape
+    hkv = ka.shape[1]
+    if h % hkv:
+        raise ValueError(f"{h} query heads are not a multiple of {hkv} key heads")
+    group = h // hkv
+    gp = 1 if select_per == "layer" else hkv
+    heads_out = h // gp
+    dev = qp.device
+    qp = qp.float().contiguous()
+    ka = ka.float().contiguous()
+    kb = kb.float().contiguous() if minmax else ka
+    split = head_split or default_head_split(nb, b, gp, heads_out, _sm_count(dev))
+    split = max(1, min(int(split), heads_out))
+    hps = (heads_out + split - 1) // split
+    lse = torch.empty(b, h, nb, dtype=torch.float32, device=dev)
+    if out is None:
+        out = torch.empty(split, b, gp, nb, nb, dtype=torch.float32, device=dev)
+    elif out.shape != (split, b, gp, nb, nb) or out.dtype != torch.float32 or out.stride(-1) != 1:
+        raise ValueError(f"out must be fp32 {(split, b, gp, nb, nb)} with last stride 1")
+    if b == 0 or nb == 0:
+        return out
+    prec = precision or dot_precision()
+    bd = max(16, pow2(dim))
+    qk_scale = float(scale) * _LOG2E
+    meta = dict(GROUP=group, DIM=dim, BLOCK_D=bd, MINMAX=minmax, DOT_PREC=prec)
+    a1 = (qp, ka, kb, lse, qk_scale, qp.stride(0), qp.stride(1), qp.stride(2),
+          ka.stride(0), ka.stride(1), ka.stride(2), h, nb, pow2(nb))
+    a2 = (qp, ka, kb, lse, out, qk_scale, 1.0 / heads_out, qp.stride(0), qp.stride(1), qp.stride(2),
+          ka.stride(0), ka.stride(1), ka.stride(2),
+          out.stride(0), out.stride(1), out.stride(2), out.stride(3), h, nb, gp, split, hps, pow2(nb))
+
+    pinned = config
+    if pinned is None and _interpret():
+        pinned = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    if pinned is not None:
+        bm, bn = int(pinned["BLOCK_M"]), int(pinned["BLOCK_N"])
+        bk = min(int(pinned.get("BLOCK_K", 32)), bd)
+        kw = dict(meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=int(pinned.get("num_warps", 4)),
+                  num_stages=int(pinned.get("num_stages", 2)))
+        _transition_stats_kernel[(triton.cdiv(nb, bm), b * h)](*a1, **kw)
+        _transition_mean_kernel[(triton.cdiv(nb, bm), triton.cdiv(nb, bn), b * gp * split)](*a2, **kw)
+        return out
+
+    _tuned_kernel("stats", bd, minmax)[lambda m: (triton.cdiv(nb, m["BLOCK_M"]), b * h)](*a1, **meta)
+    _tuned_kernel("mean", bd, minmax)[
+        lambda m: (triton.cdiv(nb, m["BLOCK_M"]), triton.cdiv(nb, m["BLOCK_N"]), b * gp * split)](*a2, **meta)
+    return out
+
+
+def block_transition_triton(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[torch.Tensor], scale: float,
+                            select_per: str = "layer", **kw) -> torch.Tensor:
+    """A (B, G', n_b, n_b) fp32, lower triangular, rows stochastic (see :func:`block_transition_partials`)."""
+    part = block_transition_partials(qp, ka, kb, scale, select_per, **kw)
+    return part[0] if part.shape[0] == 1 else part.sum(0)
+
+
+def block_transition_reference(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[torch.Tensor], scale: float,
+                               select_per: str = "layer") -> torch.Tensor:
+    """Step 4 in PyTorch, in the inputs' dtype (float64 for tests): the scores of sketch_walk.sketch
+    (``scores_minmax`` / ``scores_mean``), causal row softmax, head mean (all heads or each key head's group),
+    as :func:`sketch_walk.walk.block_transition` computes it in fp32. O(H n_b^2) memory: small inputs only."""
+    from ..sketch import scores_mean, scores_minmax
+    b, h, nb, dim = qp.shape
+    hkv = ka.shape[1]
+    qg = qp.view(b, hkv, h // hkv, nb, dim)
+    s = scores_mean(qg, ka, scale) if kb is None else scores_minmax(qg, ka, kb, scale)    # (B, H_kv, r, n_b, n_b)
+    j = torch.arange(nb, device=qp.device)
+    p = torch.softmax(s.masked_fill(j.unsqueeze(0) > j.unsqueeze(1), float("-inf")), dim=-1)
+    return p.mean(dim=(1, 2)).unsqueeze(1) if select_per == "layer" else p.mean(dim=2)
