@@ -111,10 +111,13 @@ class BlockRope:
             cfg = copy.deepcopy(cfg)
             cfg.head_dim = dim
             rot = type(rot)(config=cfg).to(next(model.parameters()).device)
+        # Models with several layer types (Gemma-3: sliding and full attention, each with its own rope
+        # theta) keep one rope per type; gates sit on full-attention layers only, so use that one.
+        kw = {"layer_type": "full_attention"} if "full_attention" in (getattr(rot, "layer_types", None) or ()) else {}
 
         def fn(positions: torch.Tensor):
             dummy = torch.zeros(1, dtype=torch.float32, device=positions.device)
-            cos, sin = rot(dummy, positions.view(1, -1).to(rot.inv_freq.device))
+            cos, sin = rot(dummy, positions.view(1, -1).to(next(rot.buffers()).device), **kw)
             return cos[0].float(), sin[0].float()
 
         return cls(fn, dim)

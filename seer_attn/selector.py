@@ -7,7 +7,11 @@ how blocks are picked.
 Inputs. The gate reads q and k BEFORE RoPE; the hook hands selectors post-RoPE tensors, so
 :meth:`SeerAttnSelector.attach` registers forward hooks on every gated layer's ``q_proj`` and
 ``k_proj`` that keep their outputs on the attention module for that call (attributes
-``_seer_attn_q`` / ``_seer_attn_k``, dropped once used).
+``_seer_attn_q`` / ``_seer_attn_k``, dropped once used). Models that normalise q and k per head
+before RoPE (``q_norm`` / ``k_norm``: Gemma-3, Qwen3, OLMo2) are hooked on those norms instead, so
+the gate sees exactly what RoPE rotates (:func:`rope_input_modules`, :func:`heads_first`).
+Only full-attention layers carry gates (``SeerAttnConfig.for_model``); sliding-window layers
+(Gemma-3) keep their own windowed attention in the hook and are never gated.
 
 Prefill masks (per query head, as the published gate makes them):
 * ``threshold``: keep (I, J) when softmax_J(s)[I, J] > threshold;
@@ -57,6 +61,33 @@ def decoder_layers(model):
         raise UsageError(f"{type(model).__name__}: no decoder layers found (model.model.layers); "
                          f"SeerAttn supports Llama-family models")
     return layers
+
+
+def rope_input_modules(attn):
+    """(q module, k module) whose outputs are the q and k that RoPE rotates: ``q_norm`` / ``k_norm``
+    when the attention module has them (Gemma-3, Qwen3, OLMo2), else ``q_proj`` / ``k_proj`` (Llama)."""
+    qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if isinstance(qn, torch.nn.Module) and isinstance(kn, torch.nn.Module):
+        return qn, kn
+    return attn.q_proj, attn.k_proj
+
+
+def heads_first(x: torch.Tensor, heads: int, d: int, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A captured q or k in any layout the models use -> (B, heads, n, d).
+
+    Layouts: (B, n, heads*d) (q_proj, OLMo2's q_norm), (B, n, heads, d) (Qwen3's q_norm) or
+    (B, heads, n, d) (Gemma-3's q_norm, fed a transposed view). When n == heads the shape cannot tell
+    the last two apart; the strides of ``like`` (the module's input, a view of the projection's
+    (B, n, heads*d) output) can: the head axis is the one with the smaller stride.
+    """
+    if x.dim() == 3:
+        b, n = x.shape[:2]
+        return x.reshape(b, n, heads, d).transpose(1, 2)
+    if x.dim() != 4 or x.shape[-1] != d or heads not in x.shape[1:3]:
+        raise RuntimeError(f"SeerAttn: captured q/k of shape {tuple(x.shape)} does not hold {heads} heads of {d}")
+    ref = like if like is not None and like.shape == x.shape else x
+    seq_first = x.shape[2] == heads and (x.shape[1] != heads or ref.stride(2) < ref.stride(1))
+    return x.transpose(1, 2) if seq_first else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,11 +172,13 @@ class SeerAttnSelector(BlockSelector):
             p.requires_grad_(False)
         self.rope = BlockRope.from_model(model, self.cfg.gate_hidden)
         layers = decoder_layers(model)
-        for i in self.cfg.gated_layers:
+        c = self.cfg
+        for i in c.gated_layers:
             attn = layers[i].self_attn
             self._attn_modules[i] = attn
-            self._handles.append(attn.q_proj.register_forward_hook(_keep_output(attn, Q_ATTR)))
-            self._handles.append(attn.k_proj.register_forward_hook(_keep_output(attn, K_ATTR)))
+            q_mod, k_mod = rope_input_modules(attn)
+            self._handles.append(q_mod.register_forward_hook(_keep_output(attn, Q_ATTR, c.num_q_heads, c.head_dim)))
+            self._handles.append(k_mod.register_forward_hook(_keep_output(attn, K_ATTR, c.num_kv_heads, c.head_dim)))
 
     def detach(self) -> None:
         for h in self._handles:
@@ -174,12 +207,9 @@ class SeerAttnSelector(BlockSelector):
                                f"was the selector attached to this model (enable_seer_attn)?")
         for a in (Q_ATTR, K_ATTR):
             delattr(attn, a)
-        b, n = q.shape[:2]
+        n = q.shape[2]                                   # (B, H, n, d), see _keep_output
         if n != q_len:
             raise RuntimeError(f"SeerAttn layer {layer_idx}: captured {n} pre-RoPE queries, attention got {q_len}")
-        d = self.cfg.head_dim
-        q = q.view(b, n, -1, d).transpose(1, 2)
-        k = k.view(b, n, -1, d).transpose(1, 2)
         return q, k
 
     # -- prefill -------------------------------------------------------------------------------
@@ -256,7 +286,7 @@ class SeerAttnSelector(BlockSelector):
         return dict(zip(("rows", "diag_not_chosen", "empty_rows"), vals))
 
 
-def _keep_output(attn, attr):
-    def hook(_mod, _inp, out):
-        setattr(attn, attr, out)
+def _keep_output(attn, attr, heads: int, d: int):
+    def hook(_mod, inp, out):
+        setattr(attn, attr, heads_first(out, heads, d, like=inp[0] if inp else None))
     return hook

@@ -12,8 +12,9 @@
         --stride 4096 --steps 400 --batch_size 8 --eval_seq_len 4096,8192 --heldout_seqs 8 --eval_every 20 \
         --output seer_attn/checkpoints/smollm2
 
-Per training sequence and gated layer, the frozen model gives (forward hooks on q_proj/k_proj
-for the pre-RoPE q/k the gate reads, and the layer's own RoPE on them for the ground truth):
+Per training sequence and gated layer, the frozen model gives (forward hooks on q_proj/k_proj,
+or q_norm/k_norm where the model has them (Gemma-3, Qwen3), for the pre-RoPE q/k the gate reads,
+and the layer's own RoPE on them for the ground truth):
 
 * ground truth: exact causal softmax attention P of the post-RoPE q/k (GQA: each query head
   against its key head), GT[I, J] = max of P over the B x B tile, each row normalised to 1;
@@ -64,7 +65,7 @@ from sketch_walk.model_loader import sha256_file
 from .checkpoint import save_checkpoint
 from .config import SeerAttnConfig
 from .gate import BlockRope, SeerAttnGates, pool_blocks
-from .selector import decoder_layers, group_union, head_masks, prefill_mask
+from .selector import decoder_layers, group_union, head_masks, heads_first, prefill_mask, rope_input_modules
 
 SKIP_ROWS_FRAC = 4          # the loss skips the first n_b // 4 query-block rows
 
@@ -241,9 +242,10 @@ class FeatureExtractor:
             if rope_fn is None:
                 raise UsageError(f"{type(attn).__name__}: its module has no apply_rotary_pos_emb; "
                                  f"gate distillation supports Llama-family models")
+            q_mod, k_mod = rope_input_modules(attn)      # q_norm / k_norm where the model has them
             self._handles.append(attn.register_forward_pre_hook(self._pre_hook(attn), with_kwargs=True))
-            self._handles.append(attn.q_proj.register_forward_hook(self._q_hook(attn)))
-            self._handles.append(attn.k_proj.register_forward_hook(self._k_hook(i, attn, rope_fn)))
+            self._handles.append(q_mod.register_forward_hook(self._q_hook(attn)))
+            self._handles.append(k_mod.register_forward_hook(self._k_hook(i, attn, rope_fn)))
 
     def close(self):
         for h in self._handles:
@@ -259,20 +261,20 @@ class FeatureExtractor:
         return hook
 
     def _q_hook(self, attn):
-        def hook(_mod, _inp, out):
-            attn._seer_train_q = out
+        cfg = self.cfg
+
+        def hook(_mod, inp, out):
+            attn._seer_train_q = heads_first(out, cfg.num_q_heads, cfg.head_dim, like=inp[0] if inp else None)
         return hook
 
     def _k_hook(self, layer_idx, attn, rope_fn):
         cfg = self.cfg
 
-        def hook(_mod, _inp, out):
-            q, pe = attn._seer_train_q, attn._seer_train_pe
+        def hook(_mod, inp, out):
+            q, pe = attn._seer_train_q, attn._seer_train_pe       # q: (B, H, n, d)
             del attn._seer_train_q, attn._seer_train_pe
-            b, n = q.shape[:2]
             d = cfg.head_dim
-            q = q.view(b, n, -1, d).transpose(1, 2)
-            k = out.view(b, n, -1, d).transpose(1, 2)
+            k = heads_first(out, cfg.num_kv_heads, d, like=inp[0] if inp else None)
             feats = {"qp": pool_blocks(q, cfg.block_size, cfg.q_pools),
                      "kp": pool_blocks(k, cfg.block_size, cfg.k_pools)}
             cos, sin = pe

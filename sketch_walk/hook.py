@@ -139,14 +139,28 @@ class SparseAttentionSession:
         prefill: over every layer of every prompt; decode: over every layer of every decode step;
         overall: both together; density_per_layer (prefill) and density_per_layer_decode: one value per
         model layer (None where nothing ran). Dense layers and dense (sliding-window: in-window) keys count.
+        layer_types: the hook's kind of each layer ("sparse", "dense" or "sliding"); density_by_layer_type:
+        {kind: {prefill, decode, overall, layers}} over the layers of that kind (a sliding-window layer's
+        density is its window's pairs / causal pairs, e.g. Gemma-3's 512-token window at 4K: 0.23).
         """
-        def totals(table):
-            att = sum(float(v[0]) for v in table.values())
-            cau = sum(v[1] for v in table.values())
+        def totals(table, layers=None):
+            rows = [v for l, v in table.items() if layers is None or l in layers]
+            att = sum(float(v[0]) for v in rows)
+            cau = sum(v[1] for v in rows)
             return att, cau
 
         pa, pc = totals(self._pre)
         da, dc = totals(self._dec)
+        kinds = {l: self._layer_kind(l) for l in self.layer_ids}
+        by_kind = {}
+        for kind in ("sparse", "dense", "sliding"):
+            layers = {l for l, k in kinds.items() if k == kind}
+            if not layers:
+                continue
+            kpa, kpc = totals(self._pre, layers)
+            kda, kdc = totals(self._dec, layers)
+            by_kind[kind] = {"prefill": self._ratio(kpa, kpc), "decode": self._ratio(kda, kdc),
+                             "overall": self._ratio(kpa + kda, kpc + kdc), "layers": sorted(layers)}
         return {
             "prefill": self._ratio(pa, pc),
             "decode": self._ratio(da, dc),
@@ -157,7 +171,9 @@ class SparseAttentionSession:
             "prompts": self.prompts,
             "prefill_tokens": self.prefill_tokens,
             "decode_steps": self.decode_steps,
-            "sparse_layers": [l for l in self.layer_ids if self._layer_kind(l) == "sparse"],
+            "sparse_layers": [l for l in self.layer_ids if kinds[l] == "sparse"],
+            "layer_types": [kinds[l] for l in self.layer_ids],
+            "density_by_layer_type": by_kind,
         }
 
     def describe(self) -> Dict[str, Any]:
@@ -297,6 +313,8 @@ def enable_sparse_attention(model, selector: BlockSelector, *, skip_decode: bool
         old.disable()
     register_attention()
     session = SparseAttentionSession(model, selector, skip_decode=skip_decode, backend=backend)
+    if hasattr(selector, "backend"):        # the selection follows the same backend as the kernels
+        selector.backend = None if backend == "auto" else backend
     selector.attach(model)
     for m in session.modules.values():
         setattr(m, SESSION_ATTR, session)

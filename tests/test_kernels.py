@@ -43,6 +43,8 @@ PREFILL_CASES: List[Dict] = [
     dict(name="gqa4_d64_diag_only", b=1, h=8, hkv=2, n=96, d=64, bs=16, lists="diag", dtype="float32"),
     dict(name="gqa4_d128_full", b=1, h=4, hkv=1, n=130, d=128, bs=16, lists="full", dtype="float16"),
     dict(name="gqa2_d256", b=1, h=4, hkv=2, n=72, d=256, bs=16, lists="random", dtype="float16"),
+    # Gemma-3-270M's full-attention geometry: 4 query heads on one key head, head dim 256
+    dict(name="gemma_d256_hkv1", b=1, h=4, hkv=1, n=72, d=256, bs=16, lists="random", dtype="float16"),
     dict(name="gqa4_bs64_topk", b=2, h=8, hkv=2, n=300, d=64, bs=64, lists="sparse_k", dtype="float16"),
     dict(name="gqa3_no_diag_empty_rows", b=2, h=6, hkv=2, n=90, d=64, bs=16, lists="no_diag", dtype="float32"),
     dict(name="gqa4_d80_noncontig", b=1, h=4, hkv=1, n=70, d=80, bs=16, lists="random", dtype="float32",
@@ -57,6 +59,7 @@ DECODE_CASES: List[Dict] = [
     dict(name="gqa4_d128_batch2", b=2, h=8, hkv=2, n=1000, d=128, bs=16, lists="random", dtype="float32"),
     dict(name="gqa3_d64_bps1", b=2, h=12, hkv=4, n=150, d=64, bs=32, lists="random", dtype="float16", bps=1),
     dict(name="gqa1_d256_bps2", b=1, h=2, hkv=2, n=100, d=256, bs=16, lists="random", dtype="float16", bps=2),
+    dict(name="gemma_d256_hkv1", b=1, h=4, hkv=1, n=90, d=256, bs=16, lists="random", dtype="float32", bps=2),
     dict(name="gqa4_full", b=1, h=4, hkv=1, n=200, d=64, bs=16, lists="full", dtype="float32", bps=3),
     dict(name="gqa4_bs64_topk", b=2, h=8, hkv=2, n=700, d=64, bs=64, lists="sparse_k", dtype="float16"),
     dict(name="gqa2_empty_head", b=1, h=4, hkv=2, n=64, d=64, bs=16, lists="empty_head", dtype="float32"),

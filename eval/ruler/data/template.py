@@ -12,6 +12,12 @@ and the answer prefix comes after it, in the assistant turn. With SmolLM2 at 1K 
 prefix inside the user turn got 0/3 niah answers (the model echoed it), after the assistant tag
 3/3. ``chat`` is the default when the tokenizer has a chat template, ``base`` otherwise.
 
+Fixed templates and BOS: prompts are tokenized with no special tokens added (tokenizer.py), so a
+fixed template whose hf tokenizer adds a BOS on its own (Gemma, Llama) gets that BOS written at the
+start of the text (``<bos>...``), unless the template already starts with it (``meta-llama3``).
+RULER's hf server gets the same BOS by tokenizing with special tokens; Gemma-3 degrades without it.
+SmolLM2's tokenizer adds none, so its prompts are unchanged.
+
 Few-shot examples (cwe) are earlier turns: with a fixed template RULER concatenates
 ``template(example) + answer`` lines before ``template(task)``; with ``chat`` they become a
 user/assistant exchange before the final user turn.
@@ -70,7 +76,26 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def bos_text(tokenizer) -> str:
+    """The BOS token's text when ``tokenizer`` (an hf wrapper) prepends one by default, else ''."""
+    hf = getattr(tokenizer, "tokenizer", None)
+    bos, bos_id = getattr(hf, "bos_token", None), getattr(hf, "bos_token_id", None)
+    if not isinstance(bos, str) or not bos or bos_id is None or not callable(hf):
+        return ""
+    try:
+        ids = hf("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # not a transformers tokenizer
+        return ""
+    return bos if list(ids[:1]) == [bos_id] else ""
+
+
 def default_template_type(tokenizer) -> str:
+    """An embedded model's own choice (``gemma3-270m``, a base model: ``base``), else chat when the
+    tokenizer has a chat template, else base."""
+    from sketch_walk.model_loader import EMBEDDED_MODELS
+    emb = EMBEDDED_MODELS.get(getattr(tokenizer, "name", None) or "")
+    if emb is not None and emb.template:
+        return emb.template
     return CHAT if has_chat_template(tokenizer) else "base"
 
 
@@ -88,6 +113,7 @@ class ModelTemplate:
                              + ", ".join(TEMPLATE_TYPES))
         self.template_type = template_type
         self.tokenizer = tokenizer
+        self.bos = "" if template_type == CHAT or tokenizer is None else bos_text(tokenizer)
 
     def render(self, user: str, history: Sequence[Tuple[str, str]] = ()) -> str:
         """The model's input for the user turn ``user`` after the ``(user, assistant)`` turns of ``history``.
@@ -103,7 +129,8 @@ class ModelTemplate:
         wrap = Templates[self.template_type]
         # str.replace, not str.format: the task text holds the haystack, which may contain braces.
         shots = [wrap.replace("{task_template}", question) + answer for question, answer in history]
-        return "\n".join(shots + [wrap.replace("{task_template}", user)])
+        text = "\n".join(shots + [wrap.replace("{task_template}", user)])
+        return text if not self.bos or text.startswith(self.bos) else self.bos + text
 
 
 def select_template(template_type: Optional[str], tokenizer) -> ModelTemplate:

@@ -10,7 +10,8 @@ prediction jsonl ({save_dir}/{task}.jsonl, or {task}-{chunk_idx}.jsonl when chun
 
 ``others`` holds, per sample: prefill_s, decode_s, prompt_tokens, new_tokens, stop_reason,
 batch_size, method, and for the sparse methods density {prefill, decode, overall} plus
-density_per_layer (prefill) and density_per_layer_decode.
+density_per_layer (prefill), density_per_layer_decode and density_by_layer_type (sparse / dense /
+sliding-window layers apart).
 
 Server types: ``hf`` (dense), ``SketchWalk``, ``SeerAttn`` (case-insensitive). Differences from
 NVIDIA/RULER, all deliberate:

@@ -293,6 +293,10 @@ def density_stats(report: Dict[str, Any]) -> Dict[str, Any]:
            "density_per_layer": [_round(v) for v in (report.get("density_per_layer") or [])]}
     if report.get("density_per_layer_decode"):
         out["density_per_layer_decode"] = [_round(v) for v in report["density_per_layer_decode"]]
+    if report.get("density_by_layer_type"):   # {sparse, dense, sliding: {prefill, decode, overall, layers}}
+        out["density_by_layer_type"] = {
+            kind: {**{k: _round(v.get(k)) for k in ("prefill", "decode", "overall")}, "layers": v.get("layers")}
+            for kind, v in report["density_by_layer_type"].items()}
     return out
 
 

