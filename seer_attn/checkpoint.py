@@ -94,7 +94,8 @@ def load_checkpoint(folder: str, map_location: str = "cpu") -> Tuple[SeerAttnCon
     if bad:
         raise UsageError(f"{path}: tensor shapes differ from config.json: {_short(bad)}")
     gates.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-    return cfg, gates
+    # load_state_dict copies into the (CPU) parameters: move them to where the tensors were loaded
+    return cfg, gates.to(map_location)
 
 
 def is_seer_checkpoint(folder: str) -> bool:
