@@ -189,6 +189,18 @@ def test_stage_configs(tmp_path, capsys):
     assert flag(compares[1], "--tasks") == "niah_single_1" and flag(compares[1], "--lengths") == "8192"
     assert compares[0].count("--run") == 10
 
+    # the SeerAttn rows: the same 7 cells as the committed stage-2 run, one threshold per length
+    code, out, err = run_main([SWEEPS / "stage2_seerattn.yaml", "--dry_run", "--root_dir", tmp_path / "s3"], capsys)
+    assert code == 0, err
+    cmds = [c for _, c in commands(out)]
+    seer = [c for c in cmds if script_of(c) == "call_api.py" and "SeerAttn" in c]
+    thr = {flag(c, "--save_dir").rsplit("/", 1)[1]: flag(c, "--threshold") for c in seer}
+    assert len(seer) == 7 and thr == {"2048": "0.00545", "4096": "0.00697", "8192": "0.00664"}
+    s2 = json.loads((Path(rs.__file__).resolve().parents[2] / "results/ruler/stage2/comparison/comparison.json")
+                    .read_text())
+    assert {(c["task"], int(c["length"])) for c in s2["cells"]} == \
+        {(flag(c, "--task"), int(flag(c, "--max_seq_length"))) for c in cmds if script_of(c) == "prepare.py"}
+
 
 # ------------------------------------------------------------------------- running, resuming
 def test_run_then_resume_skips_everything(tmp_path, capsys, monkeypatch):
