@@ -18,15 +18,14 @@ running summaries at the end, close walk rows and W_cache.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import subprocess
 import sys
 import time
 from typing import Dict, List
 
 import pytest
 import torch
+from interpreter_child import child_results, fresh_seed, run_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -296,8 +295,7 @@ def check_selector_case(res: Dict, device: str) -> None:
     assert res["r_err"] <= R_BOUND[device] and res.get("w_cache_err", 0.0) <= R_BOUND[device], res
 
 
-def _fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
+_fresh_seed = fresh_seed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,43 +303,13 @@ def _fresh_seed() -> int:
 # ----------------------------------------------------------------------------------------------
 
 def _worker() -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    import warnings
-    warnings.filterwarnings("ignore", category=RuntimeWarning)      # log(0) of masked lanes under numpy
-    results: Dict[str, Dict] = {}
-    for kind, cases, fn in (("kernel", CASES, run_case), ("selector", SELECTOR_CASES, run_selector_case)):
-        for case in cases:
-            seed = _fresh_seed()
-            try:
-                res = fn(case, "cpu", seed)
-            except Exception as e:  # reported per case by the parent
-                import traceback
-                res = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}", "seed": seed}
-            results[f"{kind}/{case['name']}"] = res
-    print("RESULTS " + json.dumps(results))
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except Exception:
-        return False
+    run_cases([("kernel", CASES, lambda c, seed: run_case(c, "cpu", seed)),
+               ("selector", SELECTOR_CASES, lambda c, seed: run_selector_case(c, "cpu", seed))])
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> Dict[str, Dict]:
-    if not _triton_available():
-        pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        raise AssertionError(f"interpreter child failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    return child_results(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])

@@ -15,16 +15,14 @@ call and passed in as ``out``/``lse`` (so an unwritten element fails), reference
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import subprocess
 import sys
 import time
 from typing import Dict, List
 
 import pytest
 import torch
+from interpreter_child import child_results, fresh_seed, run_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -236,66 +234,21 @@ def _check(res: Dict, bounds) -> None:
         assert res["dense_err"] <= b_out, f"full lists differ from dense causal attention: {res}"
 
 
-def _fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
+_fresh_seed = fresh_seed
 
 
 # ----------------------------------------------------------------------------------------------
 # The interpreter child
 # ----------------------------------------------------------------------------------------------
 
-def _interpreter_compat() -> None:
-    """Triton 3.6's interpreter keeps scalars as 1-element arrays and converts loop bounds with
-    int(array), which numpy >= 2.3 refuses ("only 0-dimensional arrays can be converted"); triton 3.9
-    squeezes first. Apply 3.9's fix in this child process only (the interpreter child of this file)."""
-    from triton.runtime import interpreter as ti
-    orig = getattr(ti, "_patch_lang_tensor", None)
-    if orig is None or getattr(orig, "_sw_compat", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-    patched._sw_compat = True
-    ti._patch_lang_tensor = patched
-
-
 def _worker() -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    _interpreter_compat()
-    results: Dict[str, Dict] = {}
-    for kind, cases, fn in (("prefill", PREFILL_CASES, run_prefill_case), ("decode", DECODE_CASES, run_decode_case)):
-        for case in cases:
-            seed = _fresh_seed()
-            try:
-                res = fn(case, "cpu", getattr(torch, case["dtype"]), seed)
-            except Exception as e:  # reported per case by the parent
-                res = {"error": f"{type(e).__name__}: {e}", "seed": seed}
-            results[f"{kind}/{case['name']}"] = res
-    print("RESULTS " + json.dumps(results))
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except Exception:
-        return False
+    run_cases([("prefill", PREFILL_CASES, lambda c, seed: run_prefill_case(c, "cpu", getattr(torch, c["dtype"]), seed)),
+               ("decode", DECODE_CASES, lambda c, seed: run_decode_case(c, "cpu", getattr(torch, c["dtype"]), seed))])
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> Dict[str, Dict]:
-    if not _triton_available():
-        pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        raise AssertionError(f"interpreter child failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    return child_results(__file__)
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: c["name"])

@@ -19,16 +19,15 @@ blocks hold the same walk mass under the torch path's R (relative 1e-4 interpret
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
 import time
 from typing import Dict, List
 
 import pytest
 import torch
+from interpreter_child import child_results, fresh_seed, run_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -113,8 +112,7 @@ def _nan(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def _fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
+_fresh_seed = fresh_seed
 
 
 def _sync(device: str) -> None:
@@ -379,42 +377,12 @@ KINDS = (("pool", POOL_CASES, run_pool_case), ("transition", TRANSITION_CASES, r
 
 
 def _worker() -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    results: Dict[str, Dict] = {}
-    for kind, cases, fn in KINDS:
-        for case in cases:
-            seed = _fresh_seed()
-            try:
-                res = fn(case, "cpu", seed)
-            except Exception as e:  # reported per case by the parent
-                import traceback
-                res = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}", "seed": seed}
-            results[f"{kind}/{case['name']}"] = res
-    print("RESULTS " + json.dumps(results))
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except Exception:
-        return False
+    run_cases([(kind, cases, lambda c, seed, fn=fn: fn(c, "cpu", seed)) for kind, cases, fn in KINDS])
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> Dict[str, Dict]:
-    if not _triton_available():
-        pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    env.pop("SKETCH_WALK_ATTN_BACKEND", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        raise AssertionError(f"interpreter child failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    return child_results(__file__)
 
 
 @pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: c["name"])
