@@ -23,7 +23,27 @@ the needle, the share where the variant keeps it too.
 kernel, so the later layers see the sparse run's tensors (what the real run sees). The variants:
 sketchwalk (defaults), sketchwalk_onehop (walk_damping 0), sketchwalk_mean (key_summary mean),
 sketchwalk_mean_onehop, oracle (exact block mass, top-k of it), local; all at the same budget.
-Output: one JSON with per-sample, per-layer records and a summary (per variant: the share of
+Speed (same results): the oracle's last row is the top-k of that row's exact mass, computed alone unless
+``--follow oracle`` needs every row; with ``--follow dense`` the (full) lists run through SDPA.
+
+Probes (``--probes``, on by default; ``--no-probes`` turns them off): not selectors (no walk, nothing fed to
+the kernel), just other block scores for the LAST query block only, computed from the layer's q / k and
+turned into a kept set at the same budget by :func:`sketch_walk.selection.select_blocks` (sink + diagonal
++ top_k of the other causal blocks). Each ends in one score per key block, a mean over heads (and queries):
+* ``pooled_minmax_onehop``: Sketch&Walk's own minmax scores: the block's mean query Qbar against the
+  per-channel bound of each key block (Kmax / Kmin), softmax over blocks per head, head mean. A check:
+  it should keep what sketchwalk_onehop keeps (its summary's ``same_kept_as_sketchwalk_onehop``);
+* ``perquery_max_minmax``: the same bound, but for each query t of the block on its own: softmax over
+  blocks per query and head, then the mean over queries and heads (pool AFTER the softmax, as the oracle
+  does, but with the bound instead of the keys);
+* ``perquery_exact_blockmax``: per query, the exact max_{s in block, s <= t} q_t . k_s (the best key
+  summary a one-score-per-block rule can have), softmax over blocks, mean over queries and heads;
+* ``pooled_exact``: Qbar against the exact keys (softmax over tokens, summed per block, head mean), i.e.
+  pooling the query only.
+Reading: if b, c and d keep the needle where pooled_minmax_onehop does not, the query pooling is at fault;
+if only c does, the key bound is; if none does, it is something else.
+
+Output: one JSON with per-sample, per-layer records and a summary (per variant and probe: the share of
 samples whose needle is kept at every sparse layer, per layer, and per needle depth).
 """
 from __future__ import annotations
@@ -44,7 +64,9 @@ if ROOT not in sys.path:
 from sketch_walk.config import SketchWalkConfig  # noqa: E402
 from sketch_walk.errors import UsageError, cli_main  # noqa: E402
 from sketch_walk.hook import enable_sparse_attention  # noqa: E402
+from sketch_walk.selection import select_blocks  # noqa: E402
 from sketch_walk.selector import BlockSelector  # noqa: E402
+from sketch_walk.sketch import block_minmax  # noqa: E402
 from sketch_walk.sketch_walk_selector import SketchWalkSelector  # noqa: E402
 
 VARIANTS = {
@@ -55,6 +77,7 @@ VARIANTS = {
     "oracle": {"selector": "oracle"},
     "local": {"selector": "local"},
 }
+PROBES = ["pooled_minmax_onehop", "perquery_max_minmax", "perquery_exact_blockmax", "pooled_exact"]
 
 
 def last_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
@@ -75,12 +98,47 @@ def last_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: fl
     return torch.nn.functional.pad(p, (0, nb * block_size - n)).view(nb, block_size).sum(-1)
 
 
+def last_block_probe_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float) -> Dict[str, torch.Tensor]:
+    """The probes' scores (module docstring) for the prompt's last query block: {name: (n_b,) fp32}."""
+    _, h, n, _ = q.shape
+    bs = block_size
+    nb = (n + bs - 1) // bs
+    first = (nb - 1) * bs
+    qq = q[0, :, first:].float()                                       # (H, t, d): the block's queries
+    kk = k[0].float().repeat_interleave(h // k.shape[1], dim=0)        # (H, n, d)
+    kmax, kmin = block_minmax(kk, bs)                                  # (H, nb, d)
+
+    def bound(x):                                                      # x (H, m, d) -> (H, m, nb)
+        return (torch.einsum("hmd,hnd->hmn", x.clamp_min(0), kmax)
+                + torch.einsum("hmd,hnd->hmn", x.clamp_max(0), kmin)) * scale
+
+    q_bar = qq.mean(1, keepdim=True)                                   # (H, 1, d)
+    s_tok = torch.einsum("htd,hnd->htn", qq, kk) * scale               # (H, t, n), exact
+    causal = torch.arange(n, device=q.device) > torch.arange(first, n, device=q.device).unsqueeze(-1)
+    s_tok = s_tok.masked_fill(causal, float("-inf"))
+    pad = nb * bs - n
+    blockmax = torch.nn.functional.pad(s_tok, (0, pad), value=float("-inf")).view(h, -1, nb, bs).amax(-1)
+    p_pool = torch.softmax(torch.einsum("hmd,hnd->hmn", q_bar, kk) * scale, dim=-1)     # (H, 1, n)
+    return {
+        "pooled_minmax_onehop": torch.softmax(bound(q_bar), -1).mean(dim=(0, 1)),
+        "perquery_max_minmax": torch.softmax(bound(qq), -1).mean(dim=(0, 1)),
+        "perquery_exact_blockmax": torch.softmax(blockmax, -1).mean(dim=(0, 1)),
+        "pooled_exact": torch.nn.functional.pad(p_pool, (0, pad)).view(h, nb, bs).sum(-1).mean(0),
+    }
+
+
 class ProbeSelector(BlockSelector):
     """Runs several selectors side by side on each sparse layer and records their last-row picks."""
 
-    def __init__(self, configs: Dict[str, SketchWalkConfig], follow: str):
-        self.selectors = {name: SketchWalkSelector(c) for name, c in configs.items()}
+    def __init__(self, configs: Dict[str, SketchWalkConfig], follow: str, probes: bool = True):
+        # the oracle's last row is the top-k of last_block_mass (its definition): computed from it, in O(n), unless
+        # the model follows the oracle (then every row is needed, O(n^2))
+        self.oracle_from_mass = "oracle" in configs and follow != "oracle"
+        self.selectors = {name: SketchWalkSelector(c) for name, c in configs.items()
+                          if not (name == "oracle" and self.oracle_from_mass)}
         base = next(iter(configs.values()))
+        self.base = base
+        self.probes = probes
         self.block_size = base.block_size
         self.dense_layers = base.dense_layers
         self.name = "probe"
@@ -111,6 +169,18 @@ class ProbeSelector(BlockSelector):
             kept = set(row)
             rec[name] = {"needle_kept": bool(needles) and needles <= kept,
                          "mass": round(float(mass[row].sum()), 4)}
+        last_row_scores = {"oracle": mass} if self.oracle_from_mass else {}
+        if self.probes:
+            last_row_scores.update(last_block_probe_scores(query, key, bs, scale))
+        c, last = self.base, torch.tensor([nb - 1], device=query.device)
+        for name, sc in last_row_scores.items():                 # same budget, same tie rule as the selectors
+            pidx, pcnt = select_blocks(sc.view(1, 1, 1, nb), last, c.n_sink, c.n_local, c.top_k_blocks)
+            row = pidx[0, 0, 0, : int(pcnt[0, 0, 0])].tolist()
+            rec[name] = {"needle_kept": bool(needles) and needles <= set(row),
+                         "mass": round(float(mass[row].sum()), 4)}
+            if name == "pooled_minmax_onehop" and "sketchwalk_onehop" in lists:
+                oi, oc = lists["sketchwalk_onehop"]
+                rec["probe_matches_onehop"] = row == oi[0, 0, nb - 1, : int(oc[0, 0, nb - 1])].tolist()
         # the oracle's ranking of the needle blocks (exact mass): where does the needle stand at all?
         order = torch.argsort(mass, descending=True).tolist()
         rec["needle_mass_rank"] = min((order.index(j) + 1 for j in needles), default=None)
@@ -127,6 +197,15 @@ class ProbeSelector(BlockSelector):
 
     def select_decode(self, layer_idx, module, query, key_cache):
         raise UsageError("diagnose_selection.py runs prefill only")
+
+
+def dense_prefill_attention(q, k, v, block_idx, block_cnt, block_size, sm_scale=None, backend=None):
+    """``--follow dense`` stand-in for the hook's block_sparse_attention: full causal lists make it plain
+    causal attention, so SDPA computes it (the PyTorch reference walks the lists: ~3 s a layer at 4K on CPU)."""
+    r = q.shape[1] // k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), is_causal=True, scale=sm_scale)
+    return out, None
 
 
 def needle_token_blocks(tokenizer, text: str, answers: List[str], block_size: int) -> List[int]:
@@ -169,6 +248,9 @@ def summarise(samples: List[Dict], names: List[str]) -> Dict:
             "needle_kept_per_layer": {str(k): round(sum(v) / len(v), 3) for k, v in sorted(per_layer.items())},
             "needle_kept_every_layer_by_depth": {k: f"{sum(v)}/{len(v)}" for k, v in sorted(by_depth.items())},
         }
+    match = [r["probe_matches_onehop"] for s in samples for r in s["layers"] if "probe_matches_onehop" in r]
+    if match and "pooled_minmax_onehop" in out:
+        out["pooled_minmax_onehop"]["same_kept_as_sketchwalk_onehop"] = round(sum(match) / len(match), 3)
     return out
 
 
@@ -181,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--num_samples", type=int, default=None, help="first N samples (default: all)")
     p.add_argument("--follow", default="dense", help="dense, or a variant whose lists the model runs on")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--probes", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score the last query block with the probes of the module docstring")
     p.add_argument("--top_k_blocks", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -194,8 +278,12 @@ def main(argv=None) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     configs = {v: SketchWalkConfig(top_k_blocks=args.top_k_blocks, dense_last_blocks=0, **VARIANTS[v])
                for v in args.variants}
-    probe = ProbeSelector(configs, args.follow)
+    probe = ProbeSelector(configs, args.follow, args.probes)
+    names = args.variants + (PROBES if args.probes else [])
     enable_sparse_attention(model, probe)
+    if args.follow == "dense":
+        import sketch_walk.hook
+        sketch_walk.hook.block_sparse_attention = dense_prefill_attention
     device = next(model.parameters()).device
     with open(args.data_file, encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
@@ -213,11 +301,11 @@ def main(argv=None) -> int:
                         "needle_blocks": probe.needle_blocks, "layers": probe.records})
         print(f"sample {r['index']}: depth {r.get('depth')} needle blocks {probe.needle_blocks} " +
               " ".join(f"{n}={sum(x[n]['needle_kept'] for x in probe.records)}/{len(probe.records)}"
-                       for n in args.variants), flush=True)
+                       for n in names), flush=True)
     result = {"data_file": args.data_file, "model": args.model, "follow": args.follow,
               "top_k_blocks": args.top_k_blocks, "variants": {v: VARIANTS[v] for v in args.variants},
               "device": str(device), "seconds": round(time.time() - t0, 1),
-              "summary": summarise(samples, args.variants), "samples": samples}
+              "probes": PROBES if args.probes else [], "summary": summarise(samples, names), "samples": samples}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     tmp = args.output + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
