@@ -30,18 +30,22 @@ Probes (``--probes``, on by default; ``--no-probes`` turns them off): not select
 the kernel), just other block scores for the LAST query block only, computed from the layer's q / k and
 turned into a kept set at the same budget by :func:`sketch_walk.selection.select_blocks` (sink + diagonal
 + top_k of the other causal blocks). Each ends in one score per key block, a mean over heads (and queries):
-* ``pooled_minmax_onehop``: Sketch&Walk's own minmax scores: the block's mean query Qbar against the
+* (a) ``pooled_minmax_onehop``: Sketch&Walk's own minmax scores: the block's mean query Qbar against the
   per-channel bound of each key block (Kmax / Kmin), softmax over blocks per head, head mean. A check:
   it should keep what sketchwalk_onehop keeps (its summary's ``same_kept_as_sketchwalk_onehop``);
-* ``perquery_max_minmax``: the same bound, but for each query t of the block on its own: softmax over
+* (b) ``perquery_max_minmax``: the same bound, but for each query t of the block on its own: softmax over
   blocks per query and head, then the mean over queries and heads (pool AFTER the softmax, as the oracle
   does, but with the bound instead of the keys);
-* ``perquery_exact_blockmax``: per query, the exact max_{s in block, s <= t} q_t . k_s (the best key
+* (c) ``perquery_exact_blockmax``: per query, the exact max_{s in block, s <= t} q_t . k_s (the best key
   summary a one-score-per-block rule can have), softmax over blocks, mean over queries and heads;
-* ``pooled_exact``: Qbar against the exact keys (softmax over tokens, summed per block, head mean), i.e.
-  pooling the query only.
-Reading: if b, c and d keep the needle where pooled_minmax_onehop does not, the query pooling is at fault;
-if only c does, the key bound is; if none does, it is something else.
+* (d) ``pooled_exact``: Qbar against the exact keys (softmax over tokens, summed per block, head mean), i.e.
+  pooling the query only;
+* (e) ``pooled_exact_blockmax``: Qbar against the exact keys, max per block, softmax over blocks, head mean:
+  with a, b, c the 2 x 2 of {pooled Qbar, per query} x {minmax bound, exact block max}.
+Each probe's record also has ``needle_rank``: the needle block's rank among the top-k candidates (1 = best,
+kept if <= top_k; worst block if several; 0 = a sink / local block), summarised as a median.
+Reading: if b, c and d / e keep the needle where a does not, the query pooling is at fault; if c and e do
+but b does not, the key bound is; if only c does, both are.
 
 Output: one JSON with per-sample, per-layer records and a summary (per variant and probe: the share of
 samples whose needle is kept at every sparse layer, per layer, and per needle depth).
@@ -77,7 +81,8 @@ VARIANTS = {
     "oracle": {"selector": "oracle"},
     "local": {"selector": "local"},
 }
-PROBES = ["pooled_minmax_onehop", "perquery_max_minmax", "perquery_exact_blockmax", "pooled_exact"]
+PROBES = ["pooled_minmax_onehop", "perquery_max_minmax", "perquery_exact_blockmax", "pooled_exact",
+          "pooled_exact_blockmax"]
 
 
 def last_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
@@ -118,12 +123,14 @@ def last_block_probe_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, s
     s_tok = s_tok.masked_fill(causal, float("-inf"))
     pad = nb * bs - n
     blockmax = torch.nn.functional.pad(s_tok, (0, pad), value=float("-inf")).view(h, -1, nb, bs).amax(-1)
-    p_pool = torch.softmax(torch.einsum("hmd,hnd->hmn", q_bar, kk) * scale, dim=-1)     # (H, 1, n)
+    s_pool = torch.nn.functional.pad(torch.einsum("hmd,hnd->hmn", q_bar, kk) * scale, (0, pad), value=float("-inf"))
+    s_pool = s_pool.view(h, nb, bs)                                    # Qbar . k_s, (H, nb, bs)
     return {
         "pooled_minmax_onehop": torch.softmax(bound(q_bar), -1).mean(dim=(0, 1)),
         "perquery_max_minmax": torch.softmax(bound(qq), -1).mean(dim=(0, 1)),
         "perquery_exact_blockmax": torch.softmax(blockmax, -1).mean(dim=(0, 1)),
-        "pooled_exact": torch.nn.functional.pad(p_pool, (0, pad)).view(h, nb, bs).sum(-1).mean(0),
+        "pooled_exact": torch.softmax(s_pool.view(h, -1), -1).view(h, nb, bs).sum(-1).mean(0),
+        "pooled_exact_blockmax": torch.softmax(s_pool.amax(-1), -1).mean(0),
     }
 
 
@@ -178,6 +185,9 @@ class ProbeSelector(BlockSelector):
             row = pidx[0, 0, 0, : int(pcnt[0, 0, 0])].tolist()
             rec[name] = {"needle_kept": bool(needles) and needles <= set(row),
                          "mass": round(float(mass[row].sum()), 4)}
+            cand = torch.argsort(sc[c.n_sink: nb - c.n_local], descending=True).tolist()      # top-k candidates
+            ranks = [cand.index(j - c.n_sink) + 1 for j in needles if c.n_sink <= j < nb - c.n_local]
+            rec[name]["needle_rank"] = max(ranks) if ranks else 0      # worst needle block; 0 = sink / local
             if name == "pooled_minmax_onehop" and "sketchwalk_onehop" in lists:
                 oi, oc = lists["sketchwalk_onehop"]
                 rec["probe_matches_onehop"] = row == oi[0, 0, nb - 1, : int(oc[0, 0, nb - 1])].tolist()
@@ -223,6 +233,15 @@ def needle_token_blocks(tokenizer, text: str, answers: List[str], block_size: in
     return sorted(blocks)
 
 
+def median_needle_rank(samples: List[Dict], name: str) -> Dict:
+    """{"median_needle_rank_oracle_kept": ...}: the needle's median rank among the top-k candidates (probes and
+    a from-mass oracle only), over the (sample, layer) pairs where the oracle keeps the needle and the needle is
+    a candidate (not a sink / local block); {} if there are none."""
+    r = sorted(x[name]["needle_rank"] for s in samples for x in s["layers"]
+               if x[name].get("needle_rank") and x.get("oracle", {}).get("needle_kept"))
+    return {"median_needle_rank_oracle_kept": r[len(r) // 2]} if r else {}
+
+
 def summarise(samples: List[Dict], names: List[str]) -> Dict:
     out = {}
     for name in names:
@@ -245,6 +264,7 @@ def summarise(samples: List[Dict], names: List[str]) -> Dict:
             "needle_recall_vs_oracle": round(sum(both) / len(both), 3) if both else None,
             "needle_kept_every_layer": round(sum(all_layers) / max(1, len(all_layers)), 3),
             "mean_mass_last_block": round(sum(masses) / max(1, len(masses)), 4),
+            **median_needle_rank(samples, name),
             "needle_kept_per_layer": {str(k): round(sum(v) / len(v), 3) for k, v in sorted(per_layer.items())},
             "needle_kept_every_layer_by_depth": {k: f"{sum(v)}/{len(v)}" for k, v in sorted(by_depth.items())},
         }
