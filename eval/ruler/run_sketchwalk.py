@@ -653,14 +653,22 @@ def _run_parallel(sw: Sweep, batch, jobs: int, runner, out):
     """
     import concurrent.futures as cf
 
+    import threading
+
     log_dir = sw.root / "pred" / "_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     failures = []
+    lock = threading.Lock()
+
+    def say(line):
+        with lock:                       # one line at a time: workers print concurrently
+            out.write(line + "\n")
+            out.flush()
 
     def one(item):
         i, step = item
         log = log_dir / (re.sub(r"[^A-Za-z0-9_.@-]+", "_", step.label) + ".log")
-        print(f"[{i}/{len(steps_all)}] start {step.label} (log {log})", file=out, flush=True)
+        say(f"[{i}/{len(steps_all)}] start {step.label} (log {log})")
         t0 = time.time()
         started = _dt.datetime.now().isoformat(timespec="seconds")
         with open(log, "a", encoding="utf-8") as fh:
@@ -670,7 +678,7 @@ def _run_parallel(sw: Sweep, batch, jobs: int, runner, out):
         seconds = round(time.time() - t0, 3)
         _log(sw, {"started": started, "step": step.kind, "label": step.label, "rc": rc,
                   "seconds": seconds, "cmd": step.cmd, "jobs": jobs})
-        print(f"[{i}/{len(steps_all)}] done {step.label}: exit {rc} in {seconds:.0f} s", file=out, flush=True)
+        say(f"[{i}/{len(steps_all)}] done {step.label}: exit {rc} in {seconds:.0f} s")
         if rc != 0:
             failures.append(StepFailed(step, rc, f" (log {log})"))
 
