@@ -25,6 +25,7 @@ import sketch_walk.model_loader as ml
 from sketch_walk import SketchWalkConfig, enable_sketch_walk
 from sketch_walk.block_sparse import attended_pairs_prefill, causal_pairs
 from sketch_walk.errors import UsageError
+from greedy import greedy_run
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*")
 
@@ -57,24 +58,6 @@ def gemma_clean(gemma):
     if sess is not None:
         sess.disable()
     assert gemma.config._attn_implementation == "sdpa"
-
-
-def run(model, ids, steps):
-    """Prefill logits, then ``steps`` greedy decode steps on the model's own cache (sliding layers
-    keep a window-sized cache): (logits of every position and step, generated tokens)."""
-    toks = []
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-        logits = [out.logits[0]]
-        cache = out.past_key_values
-        nxt = out.logits[:, -1:].argmax(-1)
-        for _ in range(steps):
-            toks.append(int(nxt))
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits.append(out.logits[0])
-            nxt = out.logits[:, -1:].argmax(-1)
-    return torch.cat(logits, 0), toks
 
 
 def prompt(seed=1):
@@ -114,11 +97,11 @@ def window_density(n, w):
 @pytest.mark.parametrize("key_summary", ["minmax", "mean"])
 def test_full_budget_equals_dense(gemma_clean, monkeypatch, key_summary):
     model, ids = gemma_clean, prompt()
-    ref_logits, ref_toks = run(model, ids, STEPS)
+    ref_logits, ref_toks = greedy_run(model, ids, STEPS)
     sess = enable_sketch_walk(model, SketchWalkConfig(block_size=BS, top_k_blocks=64, key_summary=key_summary,
                                                       sketch_dim=64), backend="torch")
     calls = record_selector_calls(monkeypatch, sess.selector)
-    logits, toks = run(model, ids, STEPS)
+    logits, toks = greedy_run(model, ids, STEPS)
     assert torch.allclose(logits, ref_logits, rtol=1e-4, atol=1e-4), float((logits - ref_logits).abs().max())
     assert toks == ref_toks
     # the default dense_layers=2 counts model layers: both full-attention layers (2, 5) are sparse
@@ -134,7 +117,7 @@ def test_density_report_per_layer_and_type(gemma_clean, monkeypatch):
     sess = enable_sketch_walk(model, SketchWalkConfig(block_size=BS, top_k_blocks=1, dense_layers=3),
                               backend="torch")
     calls = record_selector_calls(monkeypatch, sess.selector)
-    run(model, ids, STEPS)
+    greedy_run(model, ids, STEPS)
     rep = sess.report()
     assert calls["prefill"] == [5]                           # layer 2 < dense_layers: dense, not selected
     assert rep["layer_types"] == ["sliding", "sliding", "dense", "sliding", "sliding", "sparse"]
@@ -170,10 +153,10 @@ def test_seer_attn_gates_full_attention_layers_only(gemma_clean, monkeypatch):
     model, ids = gemma_clean, prompt(3)
     cfg = SeerAttnConfig.for_model(model, "tiny-gemma3", block_size=BS, gate_hidden=64)
     assert cfg.gated_layers == FULL and cfg.num_kv_heads == 1 and cfg.head_dim == 256
-    ref_logits, ref_toks = run(model, ids, STEPS)
+    ref_logits, ref_toks = greedy_run(model, ids, STEPS)
     sess = enable_seer_attn(model, SeerAttnGates(cfg), threshold=0.0, backend="torch")
     calls = record_selector_calls(monkeypatch, sess.selector)
-    logits, toks = run(model, ids, STEPS)
+    logits, toks = greedy_run(model, ids, STEPS)
     assert torch.allclose(logits, ref_logits, rtol=1e-4, atol=1e-4) and toks == ref_toks
     assert calls["prefill"] == FULL and calls["decode"] == FULL * STEPS
     rep = sess.report()

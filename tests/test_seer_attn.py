@@ -20,6 +20,7 @@ from seer_attn.gate import BlockRope, GateKeyCache, pool_blocks
 from seer_attn.selector import decode_mask, group_union, head_masks, prefill_mask, topk_per_row
 from seer_attn.train_gates import block_ground_truth, kl_rows, read_corpus, split_heldout
 from sketch_walk.errors import UsageError
+from greedy import greedy_run
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*")
 
@@ -229,17 +230,7 @@ def test_checkpoint_roundtrip_and_strict_errors(tmp_path):
 
 def _greedy_logits(model, ids, steps):
     """Prefill logits of every position plus the logits of ``steps`` greedy decode steps (KV cache)."""
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-        logits = [out.logits[0]]
-        cache = out.past_key_values
-        nxt = out.logits[:, -1:].argmax(-1)
-        for _ in range(steps):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits.append(out.logits[0])
-            nxt = out.logits[:, -1:].argmax(-1)
-    return torch.cat(logits, 0)
+    return greedy_run(model, ids, steps)[0]
 
 
 def _check_full_density(model, n, steps, vocab):

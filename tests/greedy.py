@@ -1,0 +1,25 @@
+"""Greedy generation on a model's own KV cache, for tests that compare attention paths token by token."""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+
+def greedy_run(model, ids: torch.Tensor, steps: int) -> Tuple[torch.Tensor, List[int]]:
+    """Prefill ``ids`` (1, n), then ``steps`` greedy decode steps on the model's cache (sliding-window
+    layers keep their window-sized cache). Returns (logits of every prompt position and of each step,
+    (n + steps, vocab); the generated tokens)."""
+    toks: List[int] = []
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        logits = [out.logits[0]]
+        cache = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            toks.append(int(nxt))
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits[0])
+            nxt = out.logits[:, -1:].argmax(-1)
+    return torch.cat(logits, 0), toks
