@@ -42,7 +42,7 @@ import torch
 
 from sketch_walk.block_sparse import mask_to_block_lists
 from sketch_walk.errors import UsageError
-from sketch_walk.selector import BlockSelector, BlockLists
+from sketch_walk.selector import BlockSelector, BlockLists, check_decode_step
 
 from .config import SeerAttnConfig
 from .gate import BlockRope, GateKeyCache, SeerAttnGates
@@ -245,12 +245,8 @@ class SeerAttnSelector(BlockSelector):
             mask = torch.ones(query.shape[0], self.cfg.num_kv_heads, nb, dtype=torch.bool, device=query.device)
             return mask_to_block_lists(mask)
         cache = self._cache.get(layer_idx)
-        if cache is None:
-            raise RuntimeError(f"SeerAttn layer {layer_idx}: decode before prefill (no gate key cache); "
-                               f"reset() was called or the prompt bypassed the hook")
-        if cache.n != n_keys - 1:
-            raise RuntimeError(f"SeerAttn layer {layer_idx}: gate cache holds {cache.n} keys, KV cache {n_keys - 1} "
-                               f"before this token; one decode step per call is required")
+        check_decode_step("SeerAttn", layer_idx, None if cache is None else cache.n, n_keys, "gate key cache",
+                          "reset() was called or the prompt bypassed the hook")
         cache.append(k[:, :, -1])
         q_gate = self.gates[layer_idx].query_decode(q[:, :, -1], n_keys - 1, self.rope)
         scores = cache.scores(q_gate)                                   # (B, H, n_b)

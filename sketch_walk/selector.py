@@ -11,11 +11,25 @@ lists in the format of :mod:`sketch_walk.block_sparse`.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 BlockLists = Tuple[torch.Tensor, torch.Tensor]   # (block_idx int32, block_cnt int32)
+
+
+def check_decode_step(method: str, layer_idx: int, held: Optional[int], n_keys: int, state: str,
+                      missing_hint: str) -> None:
+    """A decode call must follow the prefill and add exactly one key to what the method summarised.
+
+    ``held``: keys summarised in the method's per-layer ``state`` before this call (None: no state);
+    ``n_keys``: the KV cache length, the new token included. Raises RuntimeError otherwise.
+    """
+    if held is None:
+        raise RuntimeError(f"{method} layer {layer_idx}: decode before prefill (no {state}); {missing_hint}")
+    if held != n_keys - 1:
+        raise RuntimeError(f"{method} layer {layer_idx}: {state} holds {held} keys, the KV cache {n_keys - 1} "
+                           f"before this token; one token per decode step is required")
 
 
 class BlockSelector:

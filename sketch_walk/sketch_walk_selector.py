@@ -49,7 +49,7 @@ from .block_sparse import num_blocks
 from .config import SketchWalkConfig
 from .errors import UsageError
 from .selection import expand_to_kv_heads, local_scores, oracle_block_mass, select_blocks
-from .selector import BlockLists, BlockSelector
+from .selector import BlockLists, BlockSelector, check_decode_step
 from .sketch import (block_minmax, block_rows, block_sum, layer_seed, scores_mean, scores_minmax, srht,
                      srht_matrix)
 from .walk import block_transition, causal_block_mask, kv_chunk_size, sharpen, walk_row, walk_update
@@ -316,12 +316,8 @@ class SketchWalkSelector(BlockSelector):
             return idx.squeeze(-2), cnt.squeeze(-1)
 
         st = self.state.layers.get(layer_idx)
-        if st is None:
-            raise RuntimeError(f"Sketch&Walk layer {layer_idx}: decode before prefill (no decode state); "
-                               f"every prompt must go through the sparse prefill first")
-        if st.n != n_keys - 1:
-            raise RuntimeError(f"Sketch&Walk layer {layer_idx}: decode state holds {st.n} keys, the KV cache "
-                               f"{n_keys - 1} before this token; one token per decode step is required")
+        check_decode_step("Sketch&Walk", layer_idx, None if st is None else st.n, n_keys, "decode state",
+                          "every prompt must go through the sparse prefill first")
         if self._fused_decode(query.device):
             return self._select_decode_fused(layer_idx, st, query, key_cache, scale)
         self._append_key(st, key_cache[:, :, -1], layer_idx, d)
