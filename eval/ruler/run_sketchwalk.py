@@ -644,15 +644,15 @@ def _length_of(step) -> int:
         return 0
 
 
-def _run_parallel(sw: Sweep, batch, jobs: int, runner, out):
-    """Run independent predict steps ``jobs`` at a time, longest cells first.
+def _run_parallel(sw: Sweep, pending, total: int, jobs: int, runner, out):
+    """Run independent predict steps ``pending`` ([(number in the plan, step)]) ``jobs`` at a time, longest
+    cells first (``total``: steps in the plan, for the [i/total] lines).
 
     Each step's output goes to ``{root}/pred/_logs/<label>.log`` (git-ignored with the predictions);
     one line per start and end is printed. Every step runs to its end even if another fails (each
     resumes by itself next time); the first failure is raised afterwards.
     """
     import concurrent.futures as cf
-
     import threading
 
     log_dir = sw.root / "pred" / "_logs"
@@ -668,7 +668,7 @@ def _run_parallel(sw: Sweep, batch, jobs: int, runner, out):
     def one(item):
         i, step = item
         log = log_dir / (re.sub(r"[^A-Za-z0-9_.@-]+", "_", step.label) + ".log")
-        say(f"[{i}/{len(steps_all)}] start {step.label} (log {log})")
+        say(f"[{i}/{total}] start {step.label} (log {log})")
         t0 = time.time()
         started = _dt.datetime.now().isoformat(timespec="seconds")
         with open(log, "a", encoding="utf-8") as fh:
@@ -676,14 +676,14 @@ def _run_parallel(sw: Sweep, batch, jobs: int, runner, out):
             fh.flush()
             rc = runner(step.cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
         seconds = round(time.time() - t0, 3)
-        _log(sw, {"started": started, "step": step.kind, "label": step.label, "rc": rc,
-                  "seconds": seconds, "cmd": step.cmd, "jobs": jobs})
-        say(f"[{i}/{len(steps_all)}] done {step.label}: exit {rc} in {seconds:.0f} s")
+        with lock:
+            _log(sw, {"started": started, "step": step.kind, "label": step.label, "rc": rc,
+                      "seconds": seconds, "cmd": step.cmd, "jobs": jobs})
+        say(f"[{i}/{total}] done {step.label}: exit {rc} in {seconds:.0f} s")
         if rc != 0:
             failures.append(StepFailed(step, rc, f" (log {log})"))
 
-    steps_all = batch["all"]
-    order = sorted(batch["items"], key=lambda it: -_length_of(it[1]))
+    order = sorted(pending, key=lambda it: -_length_of(it[1]))
     with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(one, order))
     if failures:
@@ -703,12 +703,11 @@ def execute(sw: Sweep, steps, runner=None, out=None, jobs: int = 1):
         pending = [(i, s) for i, s in enumerate(steps, 1) if s.kind == "predict" and not s.skip]
         if len(pending) > 1:
             first = min(i for i, _ in pending)
-            before = [s for s in steps[:first - 1]]
-            execute(sw, before, runner, out)
+            execute(sw, steps[:first - 1], runner, out)
             for i, s in enumerate(steps, 1):
                 if s.kind == "predict" and s.skip:
                     print(f"[{i}/{len(steps)}] skip {s.label}: {s.skip}", file=out, flush=True)
-            _run_parallel(sw, {"all": steps, "items": pending}, jobs, runner, out)
+            _run_parallel(sw, pending, len(steps), jobs, runner, out)
             rest = [s for i, s in enumerate(steps, 1) if i > first - 1 and s.kind != "predict"]
             execute(sw, rest, runner, out)
             return
