@@ -15,11 +15,15 @@ size B, n_b = ceil(n / B) blocks, the last one partial with c_i = min(B, n - i B
 Shapes: q (B, H, n, d), k (B, H_kv, n, d), any strides with the last one 1 (a model's (B, n, H, d)
 transposed view is read in place). Outputs are contiguous.
 
-Kernel layout: one program per (key block i, sequence b, key head g), grid (n_b, B * H_kv). It reads
-the key head's block once (BLOCK_T tokens at a time) for its summary, then the r = H / H_kv query heads
-of the group for their means: every byte of Q and K is read exactly once, one launch for both (at 128K
-tokens, Llama-3.1-8B: 1 GiB of bf16 Q + 0.25 GiB of K, ~0.45 ms at H100 bandwidth: the floor of the
-whole selection). Programs of (b = 0, g = 0) also write ``counts``.
+Kernel layout: one program per (key block i, sequence b, key head g, stream s), grid (n_b, B * H_kv, r + 1):
+stream s < r averages query head g r + s, stream s = r summarises key head g, so every byte of Q and K is
+read exactly once, in one launch (at 128K tokens, Llama-3.1-8B: 1 GiB of bf16 Q + 0.25 GiB of K, ~0.45 ms
+at H100 bandwidth: the floor of the whole selection). Each program streams its block through a 2-D
+register accumulator (sum / max / min per element, BLOCK_T x d) and reduces across tokens once at the end:
+no cross-warp reduction inside the load loop, so a program's loads are all in flight together and many
+small programs share an SM. (The first version, one program per (block, key head) reducing every 16-token
+load across warps and walking the r query heads in turn, ran at ~1/4 of bandwidth: 1.85 ms at 128K.)
+Programs of (b = 0, g = 0, s = r) also write ``counts``.
 """
 from __future__ import annotations
 
@@ -41,13 +45,14 @@ def _block_pool_kernel(
     H_KV, N_CTX, N_BLOCKS,
     GROUP: tl.constexpr,            # r = H / H_kv
     BLOCK_SIZE: tl.constexpr,       # tokens per block
-    BLOCK_T: tl.constexpr,          # tokens loaded per step (divides BLOCK_SIZE)
+    BLOCK_T: tl.constexpr,          # tokens per load (divides BLOCK_SIZE); the accumulator is BLOCK_T x BLOCK_D
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,          # pow2 >= HEAD_DIM
     KEY_MEAN: tl.constexpr,         # False: KA = kmax, KB = kmin (fp32); True: KA = ksum (fp64), KB = kbar (fp32)
 ):
     blk = tl.program_id(0)
     bg = tl.program_id(1)
+    stream = tl.program_id(2)       # < GROUP: query head g * GROUP + stream; == GROUP: key head g
     b = (bg // H_KV).to(tl.int64)
     g = (bg % H_KV).to(tl.int64)
     start = blk * BLOCK_SIZE
@@ -55,48 +60,45 @@ def _block_pool_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    out_row = (bg.to(tl.int64) * N_BLOCKS + blk) * HEAD_DIM           # (b, g, blk) row of a (B, H_kv, n_b, d) output
 
-    # key summary of key head g
-    k_base = K + b * stride_kb + g * stride_kh
-    if KEY_MEAN:
-        ksum = tl.zeros([BLOCK_D], dtype=tl.float64)
-    else:
-        kmax = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)
-        kmin = tl.full([BLOCK_D], float("inf"), dtype=tl.float32)
-    for t0 in tl.static_range(0, BLOCK_SIZE, BLOCK_T):
-        pos = start + t0 + offs_t
-        ok = (pos < N_CTX)[:, None] & d_ok[None, :]
-        xk = tl.load(k_base + pos[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=ok, other=0.0)
-        if KEY_MEAN:
-            ksum += tl.sum(xk.to(tl.float64), axis=0)
-        else:
-            xf = xk.to(tl.float32)
-            kmax = tl.maximum(kmax, tl.max(tl.where(ok, xf, float("-inf")), axis=0))
-            kmin = tl.minimum(kmin, tl.min(tl.where(ok, xf, float("inf")), axis=0))
-    if KEY_MEAN:
-        tl.store(KA + out_row + offs_d, ksum, mask=d_ok)
-        tl.store(KB + out_row + offs_d, (ksum / count.to(tl.float64)).to(tl.float32), mask=d_ok)
-    else:
-        tl.store(KA + out_row + offs_d, kmax, mask=d_ok)
-        tl.store(KB + out_row + offs_d, kmin, mask=d_ok)
-
-    # block means of the group's query heads
-    inv = 1.0 / count.to(tl.float32)
-    for hh in range(0, GROUP):
-        head = g * GROUP + hh
+    if stream < GROUP:
+        head = g * GROUP + stream
         q_base = Q + b * stride_qb + head * stride_qh
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for t0 in tl.static_range(0, BLOCK_SIZE, BLOCK_T):
             pos = start + t0 + offs_t
             ok = (pos < N_CTX)[:, None] & d_ok[None, :]
-            xq = tl.load(q_base + pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=ok, other=0.0)
-            acc += tl.sum(xq.to(tl.float32), axis=0)
+            acc += tl.load(q_base + pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=ok,
+                           other=0.0).to(tl.float32)
         q_row = ((b * H_KV * GROUP + head) * N_BLOCKS + blk) * HEAD_DIM
-        tl.store(QBar + q_row + offs_d, acc * inv, mask=d_ok)
-
-    if bg == 0:
-        tl.store(Counts + blk, count.to(tl.float64))
+        tl.store(QBar + q_row + offs_d, tl.sum(acc, axis=0) * (1.0 / count.to(tl.float32)), mask=d_ok)
+    else:
+        out_row = (bg.to(tl.int64) * N_BLOCKS + blk) * HEAD_DIM       # (b, g, blk) row of a (B, H_kv, n_b, d) output
+        k_base = K + b * stride_kb + g * stride_kh
+        if KEY_MEAN:
+            ksum = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
+        else:
+            kmax = tl.full([BLOCK_T, BLOCK_D], float("-inf"), dtype=tl.float32)
+            kmin = tl.full([BLOCK_T, BLOCK_D], float("inf"), dtype=tl.float32)
+        for t0 in tl.static_range(0, BLOCK_SIZE, BLOCK_T):
+            pos = start + t0 + offs_t
+            ok = (pos < N_CTX)[:, None] & d_ok[None, :]
+            xk = tl.load(k_base + pos[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=ok, other=0.0)
+            if KEY_MEAN:
+                ksum += xk.to(tl.float64)
+            else:
+                xf = xk.to(tl.float32)
+                kmax = tl.maximum(kmax, tl.where(ok, xf, float("-inf")))
+                kmin = tl.minimum(kmin, tl.where(ok, xf, float("inf")))
+        if KEY_MEAN:
+            total = tl.sum(ksum, axis=0)
+            tl.store(KA + out_row + offs_d, total, mask=d_ok)
+            tl.store(KB + out_row + offs_d, (total / count.to(tl.float64)).to(tl.float32), mask=d_ok)
+        else:
+            tl.store(KA + out_row + offs_d, tl.max(kmax, axis=0), mask=d_ok)
+            tl.store(KB + out_row + offs_d, tl.min(kmin, axis=0), mask=d_ok)
+        if bg == 0:
+            tl.store(Counts + blk, count.to(tl.float64))
 
 
 class PooledBlocks(NamedTuple):
@@ -156,12 +158,11 @@ def block_pool_triton(q: torch.Tensor, k: torch.Tensor, block_size: int, key_sum
     if nb == 0 or b == 0 or h == 0:
         return PooledBlocks(q_bar, counts, ka, kb)
     bd = max(16, pow2(d))
-    # 2K elements per load (16 tokens x 128 channels); the block's loads are unrolled (4 in flight a program).
-    # Compiled for sm_90 (d 128, bf16): 154 registers at 4 warps, ~3 programs (48 KB of loads in flight) an SM;
-    # 64-token loads at 8 warps (149 registers) would leave one program an SM.
-    bt = block_t or max(1, 2048 // bd)
+    # 4K elements per load (32 tokens x 128 channels, 8 KB of bf16): a 64-token block is 2 loads, both in
+    # flight; the fp32 accumulator is 32 registers a thread at 4 warps, so many programs share an SM.
+    bt = block_t or max(1, 4096 // bd)
     bt = min(pow2(bt), block_size)
-    grid = (nb, b * hkv)
+    grid = (nb, b * hkv, h // hkv + 1)
     _block_pool_kernel[grid](q, k, q_bar, ka, kb, counts,
                              q.stride(0), q.stride(1), q.stride(2),
                              k.stride(0), k.stride(1), k.stride(2),
