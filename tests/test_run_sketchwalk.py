@@ -257,6 +257,89 @@ def test_parallel_jobs_same_files_longest_first(tmp_path, capsys, monkeypatch):
     assert code == 2 and "--jobs 0" in err
 
 
+def test_gpu_assignment():
+    # which GPUs: 1 sets nothing; N takes the first N of CUDA_VISIBLE_DEVICES, else 0..N-1
+    assert rs.gpu_devices(1, {}) is None
+    assert rs.gpu_devices(2, {}) == ["0", "1"]
+    assert rs.gpu_devices(2, {"CUDA_VISIBLE_DEVICES": "3, 5,7"}) == ["3", "5"]
+    for bad, env in ((0, {}), (3, {"CUDA_VISIBLE_DEVICES": "0,1"})):
+        try:
+            rs.gpu_devices(bad, env)
+            raise AssertionError(f"--gpus {bad} accepted")
+        except rs.UsageError as exc:
+            assert f"--gpus {bad}" in str(exc)
+    # job i of the first wave gets GPU i mod N; later jobs take the GPU with the fewest running jobs
+    slots = rs.GpuSlots(["0", "1"])
+    first = [slots.acquire() for _ in range(5)]
+    assert first == [0, 1, 0, 1, 0] and slots.running == [3, 2]
+    slots.release(1)
+    slots.release(1)
+    assert [slots.acquire() for _ in range(4)] == [1, 1, 1, 0]   # GPU 1 catches up first, then ties go to 0
+    assert slots.running == [4, 3]
+    # torchrun steps are recognised by their launcher, not by a script argument
+    assert rs.is_distributed(["torchrun", "--standalone", "--nproc_per_node", "2", "eval/ruler/pred/call_api.py"])
+    assert rs.is_distributed(["/usr/bin/python3", "-m", "torch.distributed.run", "x/call_api.py", "--a"])
+    assert not rs.is_distributed(["/usr/bin/python3", "x/call_api.py", "--save_dir", "torchrun"])
+
+
+class EnvRecorder(FakeRunner):
+    """A FakeRunner that records the CUDA_VISIBLE_DEVICES each call_api ran with (None: inherited),
+    and how many calls ran at once."""
+
+    def __init__(self):
+        import threading
+
+        super().__init__()
+        self.seen, self.active, self.max_active, self.lock = [], 0, 0, threading.Lock()
+
+    def __call__(self, cmd, **kw):
+        import time
+
+        if script_of(cmd) == "call_api.py":
+            with self.lock:
+                self.active += 1
+                self.max_active = max(self.max_active, self.active)
+                env = kw.get("env")
+                self.seen.append((cmd, None if env is None else env.get("CUDA_VISIBLE_DEVICES")))
+            time.sleep(0.05)
+            with self.lock:
+                self.active -= 1
+        return super().__call__(cmd, **kw)
+
+
+def test_parallel_jobs_over_gpus(tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(tmp_path, methods={
+        "dense": {"server_type": "hf"},
+        "sw": {"server_type": "SketchWalk", "top_k_blocks": 8},
+        "dist": {"args": {"server_type": "hf"}, "launcher": ["torchrun", "--standalone", "--nproc_per_node", "2"]}})
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fake = EnvRecorder()
+    monkeypatch.setattr(rs, "_run_command", fake)
+    code, out, err = run_main([cfg, "--jobs", "4", "--gpus", "2"], capsys)
+    assert code == 0, err
+    python_steps = [(c, g) for c, g in fake.seen if c[0] != "torchrun"]
+    torch_steps = [(c, g) for c, g in fake.seen if c[0] == "torchrun"]
+    assert len(python_steps) == 8 and len(torch_steps) == 4
+    # the pooled jobs see one GPU each, both GPUs used evenly (4 jobs on 2 GPUs, 8 steps of equal length)
+    assert sorted(g for _, g in python_steps) == ["0"] * 4 + ["1"] * 4
+    # torchrun steps see every GPU, run after the pool, one at a time
+    assert all(g is None for _, g in torch_steps)
+    assert [c[0] for c, _ in fake.seen][-4:] == ["torchrun"] * 4
+    log = [json.loads(l) for l in (tmp_path / "root/sweep_log.jsonl").read_text().splitlines()]
+    pooled = [e for e in log if e.get("jobs") == 4]
+    assert len(pooled) == 8 and {e["cuda_visible_devices"] for e in pooled} == {"0", "1"}
+    assert all(e["gpus"] == 2 for e in pooled)
+    assert " on GPU 0 " in out and " on GPU 1 " in out
+    # --gpus 1 (the default) sets nothing; too many GPUs for CUDA_VISIBLE_DEVICES is refused up front
+    fake = EnvRecorder()
+    monkeypatch.setattr(rs, "_run_command", fake)
+    code, out, err = run_main([cfg, "--jobs", "4", "--root_dir", tmp_path / "r1"], capsys)
+    assert code == 0 and {g for _, g in fake.seen} == {None} and "on GPU" not in out
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    code, out, err = run_main([cfg, "--jobs", "4", "--gpus", "2", "--root_dir", tmp_path / "r2"], capsys)
+    assert code == 2 and "CUDA_VISIBLE_DEVICES=1 names only 1 GPU" in err
+
+
 def test_parallel_failure_reported_after_all_finish(tmp_path, capsys, monkeypatch):
     cfg = tiny_config(tmp_path)
     fake = FakeRunner(fail_on=lambda c: script_of(c) == "call_api.py" and "/sw/" in flag(c, "--save_dir") + "/"

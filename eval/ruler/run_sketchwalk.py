@@ -21,6 +21,8 @@ For every cell (task, length) it runs the project's real scripts as subprocesses
 The sweep stops at the first failing step and prints its command. Every step that ran is
 appended to ``{root_dir}/sweep_log.jsonl`` (command, exit status, seconds), so GPU time can be
 accounted for; ``--dry_run`` prints the plan (skipped steps as comments) and runs nothing.
+``--jobs J`` runs the pending predict steps J at a time; ``--gpus N`` spreads them over N GPUs
+(one each, through CUDA_VISIBLE_DEVICES); steps with a torchrun launcher run alone on every GPU.
 
 Layout under ``root_dir`` (``pred/`` is git-ignored: everything that holds prompts lives there)::
 
@@ -644,13 +646,66 @@ def _length_of(step) -> int:
         return 0
 
 
-def _run_parallel(sw: Sweep, pending, total: int, jobs: int, runner, out):
+def gpu_devices(gpus: int, environ=None):
+    """The CUDA_VISIBLE_DEVICES value of each of ``gpus`` GPUs, or None for 1 (nothing is set).
+
+    They are the first ``gpus`` entries of the CUDA_VISIBLE_DEVICES the driver was given, else
+    0 .. gpus-1.
+    """
+    if gpus < 1:
+        raise UsageError(f"--gpus {gpus}: must be at least 1")
+    if gpus == 1:
+        return None
+    environ = os.environ if environ is None else environ
+    given = environ.get("CUDA_VISIBLE_DEVICES")
+    if given is None:
+        return [str(i) for i in range(gpus)]
+    visible = [d.strip() for d in given.split(",") if d.strip()]
+    if len(visible) < gpus:
+        raise UsageError(f"--gpus {gpus}: CUDA_VISIBLE_DEVICES={given} names only {len(visible)} GPU(s)")
+    return visible[:gpus]
+
+
+class GpuSlots:
+    """Which GPU a parallel predict job runs on: the one with the fewest running jobs, the lowest
+    on a tie. Jobs started together therefore take GPU i mod N (job i of the first J); a job started
+    when another ends takes the GPU that job freed, so no GPU is left idle while another holds
+    more than its share."""
+
+    def __init__(self, devices):
+        import threading
+
+        self.devices = list(devices)
+        self.running = [0] * len(self.devices)
+        self.lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self.lock:
+            k = min(range(len(self.devices)), key=lambda j: (self.running[j], j))
+            self.running[k] += 1
+            return k
+
+    def release(self, k: int) -> None:
+        with self.lock:
+            self.running[k] -= 1
+
+
+def is_distributed(cmd) -> bool:
+    """Whether a step is started by torchrun (``torchrun`` or ``python -m torch.distributed.run``):
+    such a step spreads itself over every visible GPU, so it never runs beside other jobs."""
+    head = cmd[:next((i for i, c in enumerate(cmd) if c.endswith(".py")), len(cmd))]
+    return any(Path(c).name == "torchrun" or c == "torch.distributed.run" for c in head)
+
+
+def _run_parallel(sw: Sweep, pending, total: int, jobs: int, runner, out, gpus: int = 1):
     """Run independent predict steps ``pending`` ([(number in the plan, step)]) ``jobs`` at a time, longest
     cells first (``total``: steps in the plan, for the [i/total] lines).
 
     Each step's output goes to ``{root}/pred/_logs/<label>.log`` (git-ignored with the predictions);
     one line per start and end is printed. Every step runs to its end even if another fails (each
-    resumes by itself next time); the first failure is raised afterwards.
+    resumes by itself next time); the first failure is raised afterwards. With ``gpus`` > 1 each
+    step sees one GPU (CUDA_VISIBLE_DEVICES, chosen by :class:`GpuSlots`), named in its lines and
+    its sweep_log entry.
     """
     import concurrent.futures as cf
     import threading
@@ -659,6 +714,8 @@ def _run_parallel(sw: Sweep, pending, total: int, jobs: int, runner, out):
     log_dir.mkdir(parents=True, exist_ok=True)
     failures = []
     lock = threading.Lock()
+    devices = gpu_devices(gpus)
+    slots = GpuSlots(devices) if devices else None
 
     def say(line):
         with lock:                       # one line at a time: workers print concurrently
@@ -668,17 +725,28 @@ def _run_parallel(sw: Sweep, pending, total: int, jobs: int, runner, out):
     def one(item):
         i, step = item
         log = log_dir / (re.sub(r"[^A-Za-z0-9_.@-]+", "_", step.label) + ".log")
-        say(f"[{i}/{total}] start {step.label} (log {log})")
-        t0 = time.time()
-        started = _dt.datetime.now().isoformat(timespec="seconds")
-        with open(log, "a", encoding="utf-8") as fh:
-            fh.write(f"+ {shlex.join(step.cmd)}\n")
-            fh.flush()
-            rc = runner(step.cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+        slot = slots.acquire() if slots else None
+        gpu = devices[slot] if slots else None
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu) if slots else None
+        try:
+            say(f"[{i}/{total}] start {step.label}" + (f" on GPU {gpu}" if slots else "") + f" (log {log})")
+            t0 = time.time()
+            started = _dt.datetime.now().isoformat(timespec="seconds")
+            with open(log, "a", encoding="utf-8") as fh:
+                fh.write((f"+ CUDA_VISIBLE_DEVICES={gpu} " if slots else "+ ") + shlex.join(step.cmd) + "\n")
+                fh.flush()
+                kwargs = {"env": env} if slots else {}
+                rc = runner(step.cmd, stdout=fh, stderr=subprocess.STDOUT, **kwargs).returncode
+        finally:
+            if slots:
+                slots.release(slot)
         seconds = round(time.time() - t0, 3)
+        entry = {"started": started, "step": step.kind, "label": step.label, "rc": rc,
+                 "seconds": seconds, "cmd": step.cmd, "jobs": jobs}
+        if slots:
+            entry.update(gpus=gpus, cuda_visible_devices=gpu)
         with lock:
-            _log(sw, {"started": started, "step": step.kind, "label": step.label, "rc": rc,
-                      "seconds": seconds, "cmd": step.cmd, "jobs": jobs})
+            _log(sw, entry)
         say(f"[{i}/{total}] done {step.label}: exit {rc} in {seconds:.0f} s")
         if rc != 0:
             failures.append(StepFailed(step, rc, f" (log {log})"))
@@ -690,25 +758,31 @@ def _run_parallel(sw: Sweep, pending, total: int, jobs: int, runner, out):
         raise failures[0]
 
 
-def execute(sw: Sweep, steps, runner=None, out=None, jobs: int = 1):
+def execute(sw: Sweep, steps, runner=None, out=None, jobs: int = 1, gpus: int = 1):
     """Run the plan in order; with ``jobs`` > 1 the pending predict steps run that many at a time.
 
     Predict steps are independent (each writes its own method/length/task file), so a small model
     that leaves the GPU idle at batch 1 can serve several prompts streams at once. Prepare steps run
-    before and evaluate/compare after them, as in the sequential order.
+    before and evaluate/compare after them, as in the sequential order. With ``gpus`` N > 1 the
+    parallel jobs are spread over N GPUs, one GPU each (see :class:`GpuSlots`). Predict steps
+    started by torchrun (:func:`is_distributed`) never run in parallel: they run alone, one after
+    another, after the others, and see every GPU.
     """
     runner = runner or _run_command
     out = out or sys.stdout
     if jobs > 1:
-        pending = [(i, s) for i, s in enumerate(steps, 1) if s.kind == "predict" and not s.skip]
+        pending = [(i, s) for i, s in enumerate(steps, 1)
+                   if s.kind == "predict" and not s.skip and not is_distributed(s.cmd)]
         if len(pending) > 1:
             first = min(i for i, _ in pending)
+            in_pool = {i for i, _ in pending}
             execute(sw, steps[:first - 1], runner, out)
             for i, s in enumerate(steps, 1):
-                if s.kind == "predict" and s.skip:
+                if s.kind == "predict" and s.skip and i >= first:
                     print(f"[{i}/{len(steps)}] skip {s.label}: {s.skip}", file=out, flush=True)
-            _run_parallel(sw, pending, len(steps), jobs, runner, out)
-            rest = [s for i, s in enumerate(steps, 1) if i > first - 1 and s.kind != "predict"]
+            _run_parallel(sw, pending, len(steps), jobs, runner, out, gpus=gpus)
+            rest = [s for i, s in enumerate(steps, 1)
+                    if i >= first and i not in in_pool and not (s.kind == "predict" and s.skip)]
             execute(sw, rest, runner, out)
             return
     for i, step in enumerate(steps, 1):
@@ -780,6 +854,11 @@ def build_parser():
     p.add_argument("--python", help="interpreter for the scripts (default: this one)")
     p.add_argument("--jobs", type=int, default=1,
                    help="predict steps run at once (a small model at batch 1 leaves the GPU idle; default 1)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="with --jobs > 1: spread the parallel predict steps over this many GPUs, one GPU "
+                        "each (CUDA_VISIBLE_DEVICES; the fewest running jobs first, so job i of the first "
+                        "J takes GPU i mod N); steps launched by torchrun run alone on every GPU. "
+                        "Default 1: every job sees what the driver sees (call_api uses cuda:0)")
     p.add_argument("--dry_run", action="store_true", help="print the commands; run nothing")
     return p
 
@@ -795,6 +874,7 @@ def main(argv=None):
     phases = tuple(args.only) if args.only else ("prepare", "predict", "evaluate", "compare")
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: must be at least 1")
+    gpu_devices(args.gpus)               # checks --gpus against CUDA_VISIBLE_DEVICES before any step
     steps = plan(sw, phases)
     if args.dry_run:
         print_plan(sw, steps)
@@ -802,7 +882,7 @@ def main(argv=None):
     for note in sw.notes:
         print(note, flush=True)
     try:
-        execute(sw, steps, jobs=args.jobs)
+        execute(sw, steps, jobs=args.jobs, gpus=args.gpus)
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.rc if 0 < exc.rc < 256 else 1
