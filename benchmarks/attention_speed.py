@@ -243,7 +243,8 @@ def select_breakdown(sel, q, k) -> dict:
     fns = stage_callables(q, k, block_size=c.block_size, scale=1.0 / math.sqrt(D), key_summary=c.key_summary,
                           select_per=c.select_per, srht_matrix=s_mat, sparsity_exponent=c.sparsity_exponent,
                           walk_damping=c.walk_damping, r_prev=sel.state.walk_r, n_sink=c.n_sink,
-                          n_local=c.n_local, top_k=c.top_k_blocks, dense_last=c.dense_last_blocks)
+                          n_local=c.n_local, top_k=c.top_k_blocks, dense_last=c.dense_last_blocks,
+                          other_precisions=("tf32",))
     return {name: bench_ms(fn) for name, fn in fns.items()}
 
 
@@ -541,6 +542,8 @@ def main() -> None:
            "timing": "triton.testing.do_bench median (CUDA events, L2 flushed); decode *_graph_ms: CUDA-graph "
                      "replay of 20 steps / 20",
            "peak_mb": "max_memory_allocated during one call minus memory allocated before it"}
+    from sketch_walk.kernels.block_transition import dot_precision
+    res["select_dot_precision"] = dot_precision()       # block_transition's operands (SKETCH_WALK_SELECT_DOT)
     res["rooflines"] = rooflines()
     print(f"{gpu} torch {torch.__version__} triton {triton.__version__}: {res['rooflines']}", flush=True)
     t0 = time.time()

@@ -11,7 +11,9 @@ file run with ``--worker``; TRITON_INTERPRET is read when a kernel module is imp
 seed is printed with each result), poisons the outputs with NaN before the call (so an unwritten element
 fails), and compares with a float64 reference by relative error ||x - ref|| / ||ref||:
   * interpreter: fp32 dots are exact, so 1e-5 (pooled vectors: 1e-6; maxima, fp64 sums, counts: exact);
-  * GPU: block_transition and walk_step use TF32 dots (see block_transition's docstring): 5e-3.
+  * GPU: block_transition uses fp16 operands, walk_step TF32 dots (see block_transition's docstring): 5e-3.
+The interpreter runs the kernel logic with exact fp32 dots (SKETCH_WALK_SELECT_DOT=tf32 in the child) and,
+in the cases marked prec "fp16", with the GPU default's fp16 operands, at the GPU's tolerances.
 Lists from row_select are compared exactly with sketch_walk.selection.select_blocks on the same fp32 scores
 (ties included). The whole select_prefill (Triton path vs torch path, several layers, so the walk carries R)
 must give identical lists, or -- where sums in another order move a near-tie -- lists whose kept candidate
@@ -36,6 +38,11 @@ if ROOT not in sys.path:
 INTERP = dict(pool=1e-6, transition=1e-5, rows=1e-5, walk=1e-5, mass=1e-4, state=1e-4)
 GPU = dict(pool=1e-6, transition=5e-3, rows=1e-4, walk=5e-3, mass=3e-2, state=5e-2)
 
+
+def _interp_tol(case: Dict) -> Dict:
+    """fp16-operand cases get the GPU's tolerances under the interpreter too (the rounding is the same)."""
+    return GPU if case.get("prec") == "fp16" else INTERP
+
 POOL_CASES: List[Dict] = [
     dict(name="minmax_gqa2_partial", b=1, h=4, hkv=2, n=100, d=64, bs=16, summary="minmax", dtype="float32"),
     dict(name="mean_gqa1_fp16_b2", b=2, h=2, hkv=1, n=300, d=64, bs=16, summary="mean", dtype="float16"),
@@ -52,6 +59,9 @@ TRANSITION_CASES: List[Dict] = [
     dict(name="mean_kvhead_k32", b=1, h=4, hkv=2, nb=19, dim=32, summary="mean", per="kv_head"),
     dict(name="minmax_d128_layer_split4", b=1, h=4, hkv=1, nb=20, dim=128, summary="minmax", per="layer", split=4),
     dict(name="minmax_d256_kvhead_nb9", b=1, h=4, hkv=2, nb=9, dim=256, summary="minmax", per="kv_head"),
+    # the GPU default: scaled, fp16-rounded operands (the interpreter does fp16 products too)
+    dict(name="fp16_minmax_layer_nb37", b=1, h=4, hkv=2, nb=37, dim=64, summary="minmax", per="layer", prec="fp16"),
+    dict(name="fp16_mean_kvhead_b2", b=2, h=4, hkv=2, nb=21, dim=32, summary="mean", per="kv_head", prec="fp16"),
 ]
 
 # row_select: lists vs select_blocks on the same scores, plus the row transform (sharpen / rownorm / partials)
@@ -85,6 +95,8 @@ PIPELINE_CASES: List[Dict] = [
          cfg=dict(top_k_blocks=5, walk_damping=0.0, dense_last_blocks=2)),
     dict(name="walk_steps2_s1", b=1, h=4, hkv=2, n=180, d=64, dtype="float32", layers=2,
          cfg=dict(top_k_blocks=3, walk_steps=2, sparsity_exponent=1.0)),
+    dict(name="fp16_dots_default_minmax", b=1, h=4, hkv=2, n=400, d=64, dtype="float16", layers=2,
+         cfg=dict(top_k_blocks=4), prec="fp16"),
 ]
 
 # GPU only: Llama-3.1-8B attention geometry (32 / 8 heads, d 128, block 64), bf16
@@ -178,7 +190,7 @@ def run_transition_case(case: Dict, device: str, seed: int, config=None) -> Dict
     out = _nan((split, b, gp, nb, nb), torch.float32, device)
     t0 = time.time()
     block_transition_partials(qp.to(device), ka.to(device), None if kb is None else kb.to(device), scale,
-                              case["per"], head_split=split, config=config, out=out)
+                              case["per"], head_split=split, config=config, precision=case.get("prec"), out=out)
     _sync(device)
     a = out.sum(0)
     return dict(seed=seed, secs=time.time() - t0, written=not bool(torch.isnan(out).any()), err=_rel(a, ref),
@@ -270,6 +282,21 @@ def _captured(r: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor) -> torch.Te
 
 
 def run_pipeline_case(case: Dict, device: str, seed: int) -> Dict:
+    """:func:`_run_pipeline_case` with the case's dot precision (if it names one) for its duration."""
+    if not case.get("prec"):
+        return _run_pipeline_case(case, device, seed)
+    old = os.environ.get("SKETCH_WALK_SELECT_DOT")
+    os.environ["SKETCH_WALK_SELECT_DOT"] = case["prec"]               # read at each call (block_transition)
+    try:
+        return _run_pipeline_case(case, device, seed)
+    finally:
+        if old is None:
+            os.environ.pop("SKETCH_WALK_SELECT_DOT")
+        else:
+            os.environ["SKETCH_WALK_SELECT_DOT"] = old
+
+
+def _run_pipeline_case(case: Dict, device: str, seed: int) -> Dict:
     from sketch_walk import SketchWalkConfig, SketchWalkSelector
     gen = torch.Generator().manual_seed(seed)
     b, h, hkv, n, d = (case[x] for x in ("b", "h", "hkv", "n", "d"))
@@ -377,6 +404,7 @@ KINDS = (("pool", POOL_CASES, run_pool_case), ("transition", TRANSITION_CASES, r
 
 
 def _worker() -> None:
+    os.environ["SKETCH_WALK_SELECT_DOT"] = "tf32"      # exact fp32 dots under the interpreter; cases may override
     run_cases([(kind, cases, lambda c, seed, fn=fn: fn(c, "cpu", seed)) for kind, cases, fn in KINDS])
 
 
@@ -392,7 +420,7 @@ def test_pool_interpreter(case, interpreter_results):
 
 @pytest.mark.parametrize("case", TRANSITION_CASES, ids=lambda c: c["name"])
 def test_transition_interpreter(case, interpreter_results):
-    _check_transition(interpreter_results[f"transition/{case['name']}"], INTERP)
+    _check_transition(interpreter_results[f"transition/{case['name']}"], _interp_tol(case))
 
 
 @pytest.mark.parametrize("case", ROW_CASES, ids=lambda c: c["name"])
@@ -407,7 +435,7 @@ def test_walk_step_interpreter(case, interpreter_results):
 
 @pytest.mark.parametrize("case", PIPELINE_CASES, ids=lambda c: c["name"])
 def test_select_prefill_triton_vs_torch_interpreter(case, interpreter_results):
-    _check_pipeline(interpreter_results[f"pipeline/{case['name']}"], INTERP)
+    _check_pipeline(interpreter_results[f"pipeline/{case['name']}"], _interp_tol(case))
 
 
 def test_cpu_default_keeps_torch_path(monkeypatch):

@@ -29,13 +29,18 @@ Cost at 128K tokens, Llama-3.1-8B geometry (n_b = 2048, H = 32, d = 128, minmax:
 pass: 32 heads x 528 causal 64 x 64 tiles x 64 x 64 x 256 x 2 = 35 GFLOP of TF32 (~0.1-0.2 ms on an H100),
 inputs ~40 MB (L2-resident tiles), output 16 MB (pass 2). At 8K (n_b = 128): tiny; latency, S = 32.
 
-Dot precision. Scores accumulate in fp32; the fp32 pooled inputs enter ``tl.dot`` as TF32 on the GPU
-(``input_precision="tf32"``, 10-bit mantissa): minmax keys of a bf16/fp16 model are exact in TF32, so the
-error is Qbar's rounding, |d Ahat| <~ 2^-11 scale sum_c |q_c k_c|, ~1e-3 relative on P. The selection only
-needs the order of W, and that error is far below the sketch's own (minmax is an upper bound; mean is
-a random projection); "tf32x3" (~fp32) would triple the dominant cost (2 x 35 GFLOP at 128K tokens on
-Llama-3.1-8B geometry), "ieee" (no tensor cores) is ~8x slower. SKETCH_WALK_SELECT_DOT=tf32x3|ieee
-overrides it (for checking); the interpreter computes exact fp32 dots whatever is asked.
+Dot precision. Scores accumulate in fp32. Default "fp16": the wrapper scales Qbar (or Qtil) and rounds it and
+the key summaries to fp16 once (clamped to +-65504), and the dots run at fp16 tensor-core rate: the same
+10-bit mantissa as TF32 at half the bytes per tile and twice the rate (at 128K the two passes were 0.65 ms
+with TF32 operands, ~110 TFLOP/s: bound by the fp32 tile traffic, not by the tensor cores). Minmax keys of an
+fp16 model are exact in fp16; bf16 keys lose nothing either unless below fp16's normal range (6e-5), where
+they no longer matter to a score. The error is Qbar's rounding, |d Ahat| <~ 2^-11 scale sum_c |q_c k_c|,
+~1e-3 relative on P. The selection only needs the order of W, and that error is far below the sketch's own
+(minmax is an upper bound; mean is a random projection). SKETCH_WALK_SELECT_DOT=tf32 (fp32 operands entering
+``tl.dot`` as TF32, the first version), tf32x3 (~fp32, triple the cost) or ieee (no tensor cores, ~8x slower)
+override it, for checking. The walk step (:mod:`.walk_step`) multiplies probabilities down to ~1e-30 and
+stays TF32 under "fp16". The interpreter computes exact fp32 dots for fp32 operands and fp16 products for
+fp16 ones.
 """
 from __future__ import annotations
 
@@ -49,7 +54,8 @@ import triton.language as tl
 from ._launch import pow2
 
 _LOG2E = 1.4426950408889634
-DOT_PRECISIONS = ("tf32", "tf32x3", "ieee")
+_FP16_MAX = 65504.0
+DOT_PRECISIONS = ("fp16", "tf32", "tf32x3", "ieee")
 
 
 @triton.jit
@@ -62,16 +68,26 @@ def _score_chunk(acc, QP, KA, KB, q_off, k_off, rows, row_ok, cols, kk, stride_q
     offs_k = kk + tl.arange(0, BLOCK_K)
     k_ok = offs_k < DIM
     q = tl.load(QP + q_off + rows[:, None].to(tl.int64) * stride_qm + offs_k[None, :],
-                mask=row_ok[:, None] & k_ok[None, :], other=0.0) * qk_scale
+                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
     kmask = (cols < N_BLOCKS)[:, None] & k_ok[None, :]
     koff = k_off + cols[:, None].to(tl.int64) * stride_km + offs_k[None, :]
     ka = tl.load(KA + koff, mask=kmask, other=0.0)
-    if MINMAX:
-        kb = tl.load(KB + koff, mask=kmask, other=0.0)
-        acc = tl.dot(tl.maximum(q, 0.0), tl.trans(ka), acc, input_precision=DOT_PREC)
-        acc = tl.dot(tl.minimum(q, 0.0), tl.trans(kb), acc, input_precision=DOT_PREC)
+    if DOT_PREC == "fp16":
+        # fp16 operands, already scaled by the wrapper (qk_scale is 1): fp16 dots with fp32 accumulation
+        if MINMAX:
+            kb = tl.load(KB + koff, mask=kmask, other=0.0)
+            acc = tl.dot(tl.maximum(q, 0.0).to(tl.float16), tl.trans(ka), acc)
+            acc = tl.dot(tl.minimum(q, 0.0).to(tl.float16), tl.trans(kb), acc)
+        else:
+            acc = tl.dot(q, tl.trans(ka), acc)
     else:
-        acc = tl.dot(q, tl.trans(ka), acc, input_precision=DOT_PREC)
+        q = q * qk_scale
+        if MINMAX:
+            kb = tl.load(KB + koff, mask=kmask, other=0.0)
+            acc = tl.dot(tl.maximum(q, 0.0), tl.trans(ka), acc, input_precision=DOT_PREC)
+            acc = tl.dot(tl.minimum(q, 0.0), tl.trans(kb), acc, input_precision=DOT_PREC)
+        else:
+            acc = tl.dot(q, tl.trans(ka), acc, input_precision=DOT_PREC)
     return acc
 
 
@@ -198,7 +214,7 @@ def _interpret() -> bool:
 
 
 def dot_precision() -> str:
-    p = os.environ.get("SKETCH_WALK_SELECT_DOT", "tf32")
+    p = os.environ.get("SKETCH_WALK_SELECT_DOT", "fp16")
     if p not in DOT_PRECISIONS:
         raise ValueError(f"SKETCH_WALK_SELECT_DOT={p!r}: choose one of {', '.join(DOT_PRECISIONS)}")
     return p
@@ -263,7 +279,7 @@ def block_transition_partials(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[t
     Ktil; kb: Kmin (minmax) or None (mean). ``scale`` > 0: the attention's scale. ``config`` pins
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages for both passes (the GPU autotunes otherwise, the
     interpreter uses 16 x 16 tiles and 32-channel chunks). ``precision``: tl.dot input precision (module
-    docstring), default "tf32". ``head_split``: S (default :func:`default_head_split`).
+    docstring), default SKETCH_WALK_SELECT_DOT or "fp16". ``head_split``: S (default :func:`default_head_split`).
     """
     minmax = kb is not None
     if qp.dim() != 4 or ka.dim() != 4 or qp.shape[-2:] != ka.shape[-2:] or qp.shape[0] != ka.shape[0]:
@@ -283,9 +299,20 @@ def block_transition_partials(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[t
     gp = 1 if select_per == "layer" else hkv
     heads_out = h // gp
     dev = qp.device
-    qp = qp.float().contiguous()
-    ka = ka.float().contiguous()
-    kb = kb.float().contiguous() if minmax else ka
+    prec = precision or dot_precision()
+    qk_scale = float(scale) * _LOG2E
+    if prec == "fp16":
+        # Scale q here (it commutes with max(., 0) / min(., 0)) and round every operand to fp16 once: half the
+        # bytes per tile and twice the tensor-core rate of TF32, same 10-bit mantissa. Clamped to fp16's range
+        # so an outlier cannot turn a score into inf - inf = NaN.
+        qp = (qp.float() * qk_scale).clamp_(-_FP16_MAX, _FP16_MAX).half().contiguous()
+        ka = ka.float().clamp(-_FP16_MAX, _FP16_MAX).half().contiguous()
+        kb = kb.float().clamp(-_FP16_MAX, _FP16_MAX).half().contiguous() if minmax else ka
+        qk_scale = 1.0
+    else:
+        qp = qp.float().contiguous()
+        ka = ka.float().contiguous()
+        kb = kb.float().contiguous() if minmax else ka
     split = head_split or default_head_split(nb, b, gp, heads_out, _sm_count(dev))
     split = max(1, min(int(split), heads_out))
     hps = (heads_out + split - 1) // split
@@ -296,9 +323,7 @@ def block_transition_partials(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[t
         raise ValueError(f"out must be fp32 {(split, b, gp, nb, nb)} with last stride 1")
     if b == 0 or nb == 0:
         return out
-    prec = precision or dot_precision()
     bd = max(16, pow2(dim))
-    qk_scale = float(scale) * _LOG2E
     meta = dict(GROUP=group, DIM=dim, BLOCK_D=bd, MINMAX=minmax, DOT_PREC=prec)
     a1 = (qp, ka, kb, lse, qk_scale, qp.stride(0), qp.stride(1), qp.stride(2),
           ka.stride(0), ka.stride(1), ka.stride(2), h, nb, pow2(nb))

@@ -16,7 +16,7 @@ list widths from shapes, so CUDA-graph capturable):
 Plus ~10 tensor allocations (torch.empty, no kernels). The torch path launches ~50-100 kernels a layer.
 
 Differences from the torch path, all below what an order-only selection sees: fp32 sums in another order
-(pooling), TF32 dot products on the GPU (:mod:`.block_transition`), the first layer's R = rownorm(W) instead of
+(pooling), fp16-operand dot products on the GPU (:mod:`.block_transition`), the first layer's R = rownorm(W) instead of
 rownorm((1 - beta) W + beta W), GPU exp / log. The interpreter reproduces the torch path's lists except at
 near-ties (tests/test_selection_kernels.py).
 """
@@ -104,10 +104,12 @@ def stage_callables(query: torch.Tensor, key: torch.Tensor, *, block_size: int, 
                     key_summary: str = "minmax", select_per: str = "layer",
                     srht_matrix: Optional[torch.Tensor] = None, sparsity_exponent: float = 8.0,
                     walk_damping: float = 0.25, r_prev: Optional[torch.Tensor] = None, n_sink: int = 1,
-                    n_local: int = 1, top_k: int = 16, dense_last: int = 0) -> dict:
+                    n_local: int = 1, top_k: int = 16, dense_last: int = 0,
+                    other_precisions: tuple = ()) -> dict:
     """{stage name: zero-argument callable} running each launch of :func:`sketch_walk_prefill_triton` (walk_steps
     1) alone on inputs prepared once, for a timing breakdown (benchmarks/attention_speed.py). The row passes run
-    in place on scratch copies, so repeated calls time the same work (values drift; only the cost matters)."""
+    in place on scratch copies, so repeated calls time the same work (values drift; only the cost matters).
+    ``other_precisions``: also "transition@<p>" for each dot precision p (not a stage: a comparison)."""
     pooled = block_pool_triton(query, key, block_size, key_summary)
     if key_summary == "mean":
         st = srht_matrix.t()
@@ -128,6 +130,9 @@ def stage_callables(query: torch.Tensor, key: torch.Tensor, *, block_size: int, 
     c_buf = torch.empty_like(w)
     fns = {"pool": lambda: block_pool_triton(query, key, block_size, key_summary),
            "transition": lambda: block_transition_partials(qp, ka, kb, scale, select_per, out=part_scratch)}
+    for prec in other_precisions:
+        fns[f"transition@{prec}"] = lambda prec=prec: block_transition_partials(qp, ka, kb, scale, select_per,
+                                                                                precision=prec, out=part_scratch)
     if key_summary == "mean":
         fns["srht"] = lambda: (torch.matmul(pooled.q_bar, st), torch.matmul(pooled.kb, st))
     if walk_damping == 0.0:

@@ -108,6 +108,8 @@ def walk_step_triton(r: torch.Tensor, w: torch.Tensor, beta: float, out: Optiona
     args = (r, w, out, float(beta), r.stride(0), srg, r.stride(2), w.stride(0), w.stride(1), w.stride(2),
             out.stride(0), out.stride(1), out.stride(2), gp, nb, pow2(nb))
     prec = precision or dot_precision()
+    if prec == "fp16":      # R and W are probabilities down to ~1e-30: fp16 would flush them; the walk is cheap
+        prec = "tf32"
     pinned = config
     if pinned is None and _interpret():
         pinned = {"BLOCK": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
