@@ -460,3 +460,27 @@ def test_shell_wrapper(tmp_path):
                           cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "eval/ruler/pred/compare_results.py" in proc.stdout
+
+
+def test_device_scripts(tmp_path):
+    """The GPU-machine scripts parse, and the shared setup places each model's GGUF where the loader
+    looks for it (the conversion itself needs the real file: it fails here, as it should)."""
+    for name in ("device_run.sh", "device_setup.sh", "two_gpu_run.sh"):
+        proc = subprocess.run(["bash", "-n", str(REPO / "eval/ruler" / name)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    setup = REPO / "eval/ruler/device_setup.sh"
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF not really")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def source(**env):
+        return subprocess.run(["bash", "-c", f"source {setup}; echo rc=$?"], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120,
+                              env=dict(os.environ, OUT=str(out), MODEL_GGUF=str(fake), **env))
+
+    proc = source(MODEL="llama")
+    assert "rc=2" in proc.stdout and "MODEL=llama: choose smollm2 or gemma3-270m" in proc.stderr
+    proc = source(MODEL="gemma3-270m", SKETCH_WALK_CACHE=str(tmp_path / "cache"))
+    assert (tmp_path / "cache/gguf/gemma-3-270m-q4_k_m.gguf").read_bytes() == fake.read_bytes()
+    assert "rc=1" in proc.stdout and "could not be converted" in proc.stderr
