@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections import Counter
 import os
 import shlex
 import subprocess
@@ -246,8 +247,11 @@ def test_parallel_jobs_same_files_longest_first(tmp_path, capsys, monkeypatch):
             for task in ("niah_single_1", "vt"):
                 assert len((root / f"pred/{m}/{length}/{task}.jsonl").read_text().splitlines()) == 3
     log = [json.loads(l) for l in (root / "sweep_log.jsonl").read_text().splitlines()]
-    assert sum(1 for e in log if e.get("jobs") == 3) == 8
-    assert len(list((root / "pred/_logs").glob("*.log"))) == 8
+    # prepare, predict and evaluate each ran as a pool (logs per step); compare ran in the foreground
+    pooled = Counter(e["step"] for e in log if e.get("jobs") == 3)
+    assert pooled == {"prepare": 4, "predict": 8, "evaluate": 4}
+    assert len(list((root / "pred/_logs").glob("*.log"))) == 16
+    assert all((root / f"pred/_data/{l}/{t}/.prepare_stamp.json").is_file() for l in (1024, 2048) for t in ("vt", "niah_single_1"))
     # resume: nothing left to predict
     fake2 = FakeRunner()
     monkeypatch.setattr(rs, "_run_command", fake2)
@@ -326,8 +330,9 @@ def test_parallel_jobs_over_gpus(tmp_path, capsys, monkeypatch):
     assert all(g is None for _, g in torch_steps)
     assert [c[0] for c, _ in fake.seen][-4:] == ["torchrun"] * 4
     log = [json.loads(l) for l in (tmp_path / "root/sweep_log.jsonl").read_text().splitlines()]
-    pooled = [e for e in log if e.get("jobs") == 4]
+    pooled = [e for e in log if e.get("jobs") == 4 and e["step"] == "predict"]
     assert len(pooled) == 8 and {e["cuda_visible_devices"] for e in pooled} == {"0", "1"}
+    assert not any("cuda_visible_devices" in e for e in log if e["step"] != "predict")   # only predicts get a GPU
     assert all(e["gpus"] == 2 for e in pooled)
     assert " on GPU 0 " in out and " on GPU 1 " in out
     # --gpus 1 (the default) sets nothing; too many GPUs for CUDA_VISIBLE_DEVICES is refused up front
@@ -349,6 +354,12 @@ def test_parallel_failure_reported_after_all_finish(tmp_path, capsys, monkeypatc
     assert code == 3 and "predict sw vt@" in err
     kinds = fake.kinds()
     assert kinds.count("call_api.py") == 8 and "evaluate.py" not in kinds   # the others ran; nothing after
+    # a pooled prepare that writes the wrong number of samples stops the sweep before any predict
+    fake = FakeRunner(prepare_lines=2)
+    monkeypatch.setattr(rs, "_run_command", fake)
+    code, out, err = run_main([cfg, "--jobs", "2", "--root_dir", tmp_path / "other"], capsys)
+    assert code == 1 and "has 2 samples, expected 3" in err and set(fake.kinds()) == {"prepare.py"}
+    assert len(fake.kinds()) == 4 and not list((tmp_path / "other").rglob(".prepare_stamp.json"))
 
 
 def test_partial_predictions_are_resumed(tmp_path, capsys, monkeypatch):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run a sweep yaml on the lent GPU machine (see ../shared/design/DEVICE.md) within a time budget.
-#   [MODEL=smollm2] [JOBS=12] [GPUS=2] [RESERVE=120] bash eval/ruler/device_run.sh SECONDS SWEEP_YAML [run_sketchwalk.py flags]
+#   [MODEL=smollm2] [JOBS=12] [GPUS=2] [RESERVE=90] bash eval/ruler/device_run.sh SECONDS SWEEP_YAML [run_sketchwalk.py flags]
 # SECONDS: the whole call, setup and packing included (keep it ~30 s under the call's limit).
 # Expects: $MODEL_GGUF (MODEL's GGUF joined from the carried parts), wheels in .whl/ (gguf nltk
 # wonderwords defusedxml), the essay file in .carry/ (eval/ruler/device_setup.sh does the setup and
@@ -8,8 +8,9 @@
 # JOBS predict processes run at once (SmolLM2 at batch 1 is launch-bound: one process leaves the GPU
 # mostly idle), spread over GPUS GPUs (default: every GPU nvidia-smi lists; run_sketchwalk.py --gpus).
 # Data and predictions live under /tmp/gpu_run/<sweep> (they survive between calls while the machine
-# stays warm, so a second call with the same arguments resumes). RESERVE seconds are kept back for
-# evaluate + compare (about 4 s per method and length, run one after another) and the packing: when
+# stays warm, so a second call with the same arguments resumes). RESERVE seconds (default 90) are kept
+# back for evaluate + compare (JOBS at a time: ~5 s a wave of evaluate.py, ~7 s compare) and the
+# packing (~5 s), with room for the stopped processes to exit: when
 # predict reaches SECONDS - RESERVE the whole driver process group is stopped (every call_api resumes
 # from its fsync'd lines), then evaluate and compare run on what exists.
 # Back in $OUT (5 files): device.log (GPUs, versions, phases and times), run.log (the driver's output),
@@ -26,7 +27,7 @@ budget=${1:?seconds}; sweep=${2:?sweep yaml}; shift 2
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 jobs=${JOBS:-1}
-reserve=${RESERVE:-120}
+reserve=${RESERVE:-90}
 source eval/ruler/device_setup.sh || exit 1
 gpus=${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
 [ "${gpus:-0}" -ge 1 ] 2>/dev/null || gpus=1
@@ -49,7 +50,8 @@ fi
 
 # evaluate and compare, leaving 30 s for the two small archives and at least a start on the large one
 timeout $(( budget - $(elapsed) - 30 > 5 ? budget - $(elapsed) - 30 : 5 )) \
-  python3 eval/ruler/run_sketchwalk.py "$sweep" --root_dir "$root" --only evaluate compare "$@" >> "$OUT/run.log" 2>&1
+  python3 eval/ruler/run_sketchwalk.py "$sweep" --root_dir "$root" --jobs "$jobs" --only evaluate compare "$@" \
+    >> "$OUT/run.log" 2>&1
 echo "evaluate/compare exit $? after $(elapsed) s" | tee -a "$OUT/device.log"
 
 (cd "$root" && tar -czf "$OUT/results.tgz" --exclude='./pred' .)

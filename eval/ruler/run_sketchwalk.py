@@ -21,8 +21,9 @@ For every cell (task, length) it runs the project's real scripts as subprocesses
 The sweep stops at the first failing step and prints its command. Every step that ran is
 appended to ``{root_dir}/sweep_log.jsonl`` (command, exit status, seconds), so GPU time can be
 accounted for; ``--dry_run`` prints the plan (skipped steps as comments) and runs nothing.
-``--jobs J`` runs the pending predict steps J at a time; ``--gpus N`` spreads them over N GPUs
-(one each, through CUDA_VISIBLE_DEVICES); steps with a torchrun launcher run alone on every GPU.
+``--jobs J`` runs the pending prepare, predict and evaluate steps J at a time, phase after phase;
+``--gpus N`` spreads the predict jobs over N GPUs (one each, through CUDA_VISIBLE_DEVICES); steps
+with a torchrun launcher run alone on every GPU.
 
 Layout under ``root_dir`` (``pred/`` is git-ignored: everything that holds prompts lives there)::
 
@@ -697,9 +698,34 @@ def is_distributed(cmd) -> bool:
     return any(Path(c).name == "torchrun" or c == "torch.distributed.run" for c in head)
 
 
+def _before(step):
+    """A prepare step that regenerates data removes the old file and its stamp first."""
+    if step.remove_first is not None and step.remove_first.exists():
+        step.remove_first.unlink()
+        stamp = step.remove_first.parent / STAMP
+        if stamp.exists():
+            stamp.unlink()
+
+
+def _after(step):
+    """A prepare step must have written its data file with the expected number of samples; then its
+    stamp (arguments, sha256) is written. Raises StepFailed otherwise."""
+    if step.kind != "prepare":
+        return
+    if not step.data_file.is_file():
+        raise StepFailed(step, 1, f": it wrote no {step.data_file}")
+    with open(step.data_file, encoding="utf-8") as f:
+        lines = sum(1 for line in f if line.strip())
+    if lines != step.expect_lines:
+        raise StepFailed(step, 1, f": {step.data_file} has {lines} samples, expected {step.expect_lines}")
+    stamp = dict(step.stamp, sha256=sha256_file(step.data_file), samples=lines,
+                 prepared=_dt.datetime.now().isoformat(timespec="seconds"))
+    (step.data_file.parent / STAMP).write_text(json.dumps(stamp, indent=1) + "\n", encoding="utf-8")
+
+
 def _run_parallel(sw: Sweep, pending, total: int, jobs: int, runner, out, gpus: int = 1):
-    """Run independent predict steps ``pending`` ([(number in the plan, step)]) ``jobs`` at a time, longest
-    cells first (``total``: steps in the plan, for the [i/total] lines).
+    """Run independent steps ``pending`` ([(number in the plan, step)], all of one kind) ``jobs`` at a
+    time, longest cells first (``total``: steps in the plan, for the [i/total] lines).
 
     Each step's output goes to ``{root}/pred/_logs/<label>.log`` (git-ignored with the predictions);
     one line per start and end is printed. Every step runs to its end even if another fails (each
@@ -730,6 +756,7 @@ def _run_parallel(sw: Sweep, pending, total: int, jobs: int, runner, out, gpus: 
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu) if slots else None
         try:
             say(f"[{i}/{total}] start {step.label}" + (f" on GPU {gpu}" if slots else "") + f" (log {log})")
+            _before(step)
             t0 = time.time()
             started = _dt.datetime.now().isoformat(timespec="seconds")
             with open(log, "a", encoding="utf-8") as fh:
@@ -750,6 +777,11 @@ def _run_parallel(sw: Sweep, pending, total: int, jobs: int, runner, out, gpus: 
         say(f"[{i}/{total}] done {step.label}: exit {rc} in {seconds:.0f} s")
         if rc != 0:
             failures.append(StepFailed(step, rc, f" (log {log})"))
+            return
+        try:
+            _after(step)
+        except StepFailed as exc:
+            failures.append(exc)
 
     order = sorted(pending, key=lambda it: -_length_of(it[1]))
     with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -758,61 +790,61 @@ def _run_parallel(sw: Sweep, pending, total: int, jobs: int, runner, out, gpus: 
         raise failures[0]
 
 
-def execute(sw: Sweep, steps, runner=None, out=None, jobs: int = 1, gpus: int = 1):
-    """Run the plan in order; with ``jobs`` > 1 the pending predict steps run that many at a time.
+def _run_one(sw: Sweep, i: int, total: int, step, runner, out):
+    """Run one step in the foreground (its output on ours); raise StepFailed when it fails."""
+    if step.skip:
+        print(f"[{i}/{total}] skip {step.label}: {step.skip}", file=out, flush=True)
+        return
+    print(f"[{i}/{total}] {step.label}\n+ {shlex.join(step.cmd)}", file=out, flush=True)
+    _before(step)
+    t0 = time.time()
+    started = _dt.datetime.now().isoformat(timespec="seconds")
+    rc = runner(step.cmd).returncode
+    seconds = round(time.time() - t0, 3)
+    _log(sw, {"started": started, "step": step.kind, "label": step.label, "rc": rc,
+              "seconds": seconds, "cmd": step.cmd})
+    if rc != 0:
+        raise StepFailed(step, rc)
+    _after(step)
 
-    Predict steps are independent (each writes its own method/length/task file), so a small model
-    that leaves the GPU idle at batch 1 can serve several prompts streams at once. Prepare steps run
-    before and evaluate/compare after them, as in the sequential order. With ``gpus`` N > 1 the
-    parallel jobs are spread over N GPUs, one GPU each (see :class:`GpuSlots`). Predict steps
-    started by torchrun (:func:`is_distributed`) never run in parallel: they run alone, one after
-    another, after the others, and see every GPU.
+
+POOLED_KINDS = ("prepare", "predict", "evaluate")   # steps of these kinds write files of their own cell
+
+
+def execute(sw: Sweep, steps, runner=None, out=None, jobs: int = 1, gpus: int = 1):
+    """Run the plan in order; with ``jobs`` > 1 the pending steps of each phase run that many at a time.
+
+    Prepare steps (one data file per cell), predict steps (one method/length/task file each) and
+    evaluate steps (one method/length folder each) are independent within their phase, so with
+    ``jobs`` > 1 each phase runs as a pool, the phases one after another in the sequential order,
+    and compare runs last. A small model that leaves the GPU idle at batch 1 can so serve several
+    prompt streams at once, and the CPU-bound data generation and scoring use several cores. With
+    ``gpus`` N > 1 the parallel predict jobs are spread over N GPUs, one GPU each (see
+    :class:`GpuSlots`). Predict steps started by torchrun (:func:`is_distributed`) never run in
+    parallel: they run alone, one after another, after the others, and see every GPU. A failure
+    in a pool stops the sweep once that pool has finished.
     """
     runner = runner or _run_command
     out = out or sys.stdout
-    if jobs > 1:
-        pending = [(i, s) for i, s in enumerate(steps, 1)
-                   if s.kind == "predict" and not s.skip and not is_distributed(s.cmd)]
-        if len(pending) > 1:
-            first = min(i for i, _ in pending)
-            in_pool = {i for i, _ in pending}
-            execute(sw, steps[:first - 1], runner, out)
-            for i, s in enumerate(steps, 1):
-                if s.kind == "predict" and s.skip and i >= first:
-                    print(f"[{i}/{len(steps)}] skip {s.label}: {s.skip}", file=out, flush=True)
-            _run_parallel(sw, pending, len(steps), jobs, runner, out, gpus=gpus)
-            rest = [s for i, s in enumerate(steps, 1)
-                    if i >= first and i not in in_pool and not (s.kind == "predict" and s.skip)]
-            execute(sw, rest, runner, out)
-            return
-    for i, step in enumerate(steps, 1):
-        if step.skip:
-            print(f"[{i}/{len(steps)}] skip {step.label}: {step.skip}", file=out, flush=True)
-            continue
-        print(f"[{i}/{len(steps)}] {step.label}\n+ {shlex.join(step.cmd)}", file=out, flush=True)
-        if step.remove_first is not None and step.remove_first.exists():
-            step.remove_first.unlink()
-            stamp = step.remove_first.parent / STAMP
-            if stamp.exists():
-                stamp.unlink()
-        t0 = time.time()
-        started = _dt.datetime.now().isoformat(timespec="seconds")
-        rc = runner(step.cmd).returncode
-        seconds = round(time.time() - t0, 3)
-        _log(sw, {"started": started, "step": step.kind, "label": step.label, "rc": rc,
-                  "seconds": seconds, "cmd": step.cmd})
-        if rc != 0:
-            raise StepFailed(step, rc)
-        if step.kind == "prepare":
-            if not step.data_file.is_file():
-                raise StepFailed(step, 1, f": it wrote no {step.data_file}")
-            with open(step.data_file, encoding="utf-8") as f:
-                lines = sum(1 for line in f if line.strip())
-            if lines != step.expect_lines:
-                raise StepFailed(step, 1, f": {step.data_file} has {lines} samples, expected {step.expect_lines}")
-            stamp = dict(step.stamp, sha256=sha256_file(step.data_file), samples=lines,
-                         prepared=_dt.datetime.now().isoformat(timespec="seconds"))
-            (step.data_file.parent / STAMP).write_text(json.dumps(stamp, indent=1) + "\n", encoding="utf-8")
+    numbered = list(enumerate(steps, 1))
+    if jobs <= 1:
+        for i, step in numbered:
+            _run_one(sw, i, len(steps), step, runner, out)
+        return
+    for kind in ("prepare", "predict", "evaluate", "compare"):
+        group = [(i, s) for i, s in numbered if s.kind == kind]
+        pooled = [(i, s) for i, s in group if not s.skip and kind in POOLED_KINDS and not is_distributed(s.cmd)]
+        if len(pooled) < 2:
+            pooled = []
+        for i, s in group:
+            if s.skip:
+                print(f"[{i}/{len(steps)}] skip {s.label}: {s.skip}", file=out, flush=True)
+        if pooled:
+            _run_parallel(sw, pooled, len(steps), jobs, runner, out, gpus=gpus if kind == "predict" else 1)
+        in_pool = {i for i, _ in pooled}
+        for i, s in group:
+            if not s.skip and i not in in_pool:
+                _run_one(sw, i, len(steps), s, runner, out)
 
 
 def print_plan(sw: Sweep, steps, out=None):
@@ -853,7 +885,8 @@ def build_parser():
                    help="run only these phases")
     p.add_argument("--python", help="interpreter for the scripts (default: this one)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="predict steps run at once (a small model at batch 1 leaves the GPU idle; default 1)")
+                   help="prepare, predict and evaluate steps run at once, phase after phase (a small model at "
+                        "batch 1 leaves the GPU idle; default 1)")
     p.add_argument("--gpus", type=int, default=1,
                    help="with --jobs > 1: spread the parallel predict steps over this many GPUs, one GPU "
                         "each (CUDA_VISIBLE_DEVICES; the fewest running jobs first, so job i of the first "
