@@ -203,6 +203,39 @@ def test_stage_configs(tmp_path, capsys):
         {(flag(c, "--task"), int(flag(c, "--max_seq_length"))) for c in cmds if script_of(c) == "prepare.py"}
 
 
+def test_stage2_decode_config(tmp_path, capsys):
+    """stage2_decode.yaml: stage 2's cells and data (identical prepare commands, so identical prompts),
+    the decode/last-block rows of SketchWalk and the oracle, compared against dense."""
+    def plan(name, root):
+        code, out, err = run_main([SWEEPS / name, "--dry_run", "--root_dir", root], capsys)
+        assert code == 0, err
+        return [c for _, c in commands(out)]
+
+    def prepares(cmds, root):
+        return sorted(" ".join(c[1:]).replace(str(root), "ROOT") for c in cmds if script_of(c) == "prepare.py")
+
+    s2, s2d = plan("stage2.yaml", tmp_path / "a"), plan("stage2_decode.yaml", tmp_path / "b")
+    assert prepares(s2, tmp_path / "a") == prepares(s2d, tmp_path / "b") and len(prepares(s2d, tmp_path / "b")) == 7
+    preds = [c for c in s2d if script_of(c) == "call_api.py"]
+    flags = {}
+    for c in preds:
+        flags.setdefault(Path(flag(c, "--save_dir")).parent.name, set()).add(
+            " ".join(c[c.index("--server_type"):]))
+    assert {m: len(v) for m, v in flags.items()} == {m: 1 for m in (
+        "dense", "sketchwalk", "sketchwalk_skip_decode", "sketchwalk_dlb1", "sketchwalk_dlb1_skip_decode",
+        "oracle_skip_decode")}
+    assert len(preds) == 6 * 7
+    want = {"sketchwalk": "--dense_last_blocks 0", "sketchwalk_skip_decode": "--dense_last_blocks 0 --skip_decode",
+            "sketchwalk_dlb1": "--dense_last_blocks 1", "sketchwalk_dlb1_skip_decode": "--dense_last_blocks 1 --skip_decode",
+            "oracle_skip_decode": "--dense_last_blocks 0 --selector oracle --skip_decode"}
+    for m, f in want.items():
+        [line] = flags[m]
+        assert line == f"--server_type SketchWalk {f}"
+    assert all(flag(c, "--device") == "cuda" and flag(c, "--batch_size") == "1" for c in preds)
+    [cmp_] = [c for c in s2d if script_of(c) == "compare_results.py"]
+    assert flag(cmp_, "--baseline") == "dense" and cmp_.count("--run") == 6
+
+
 # ------------------------------------------------------------------------- running, resuming
 def test_run_then_resume_skips_everything(tmp_path, capsys, monkeypatch):
     cfg = tiny_config(tmp_path)
