@@ -18,7 +18,8 @@
 # N=80 makes the one-GPU run about 2 minutes on an H100: 1.37 s a sample measured for SketchWalk at 8K
 # with one process (results/ruler/gpu_smollm2_8k, torch selection; stage 2's 2.2 s a sample was shared
 # by 12 processes) plus about 20 s of process start and model load. The whole script then takes about
-# 4-5 minutes (at most ~8: the timed runs stop at LIMIT1 and LIMIT2 seconds). For a CPU check of the plumbing: DEVICE=cpu LENGTH=1024 N=4 MAX_NEW_TOKENS=4.
+# 4-5 minutes (at most ~8: the timed runs stop at LIMIT1 and LIMIT2 seconds).
+# For a CPU check of the plumbing: DEVICE=cpu LENGTH=1024 N=4 MAX_NEW_TOKENS=4.
 set -uo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 N=${N:-80}; LENGTH=${LENGTH:-8192}; TASK=niah_single_1; SEED=42
