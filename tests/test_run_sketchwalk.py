@@ -236,6 +236,66 @@ def test_stage2_decode_config(tmp_path, capsys):
     assert flag(cmp_, "--baseline") == "dense" and cmp_.count("--run") == 6
 
 
+def test_gemma3_configs(tmp_path, capsys):
+    """gemma3_stage1/2.yaml and gemma3_e2e_32k.yaml (issue 8): Gemma-3-270M with the base template,
+    64 new tokens, batch 1 on cuda; stage 2 runs the five methods on the cells stage 1 judged, with
+    the same prepare arguments as stage 1 apart from the sample count (the 25 samples are the
+    first 25 of the 50: prepare.py draws them in order from the same seed)."""
+    def plan(args):
+        code, out, err = run_main(args, capsys)
+        assert code == 0, err
+        return out, [c for _, c in commands(out)]
+
+    def prep_args(c):
+        args = c[c.index("--benchmark"):]
+        return " ".join(a for i, a in enumerate(args) if not (i and args[i - 1] == "--num_samples"))
+
+    _, s1 = plan([SWEEPS / "gemma3_stage1.yaml", "--dry_run", "--root_dir", tmp_path / "s1"])
+    preps1 = [c for c in s1 if script_of(c) == "prepare.py"]
+    preds1 = [c for c in s1 if script_of(c) == "call_api.py"]
+    assert len(preps1) == 33 and len(preds1) == 33
+    assert {int(flag(c, "--max_seq_length")) for c in preps1} == {8192, 16384, 32768}
+    assert all(flag(c, "--tokenizer_path") == "gemma3-270m" and flag(c, "--model_template_type") == "base"
+               and flag(c, "--num_samples") == "25" and flag(c, "--essay_file") for c in preps1)
+    assert all(flag(c, "--model_name_or_path") == "gemma3-270m" and flag(c, "--max_new_tokens") == "64"
+               and flag(c, "--batch_size") == "1" and flag(c, "--device") == "cuda"
+               and flag(c, "--dtype") == "bfloat16" and flag(c, "--server_type") == "hf" for c in preds1)
+
+    tasks = sorted({flag(c, "--task") for c in preps1})
+    good = {("niah_single_1", 8192), ("niah_single_2", 16384), ("niah_single_1", 32768)}
+    cells = [{"task": t, "length": str(l), "runs": {"dense": {"score": 70.0 if (t, l) in good else 20.0}}}
+             for l in (8192, 16384, 32768) for t in tasks]
+    comp = tmp_path / "stage1.json"
+    comp.write_text(json.dumps({"cells": cells}))
+    out, s2 = plan([SWEEPS / "gemma3_stage2.yaml", "--dry_run", "--root_dir", tmp_path / "s2", "--cells_from", comp])
+    assert "3 of 33" in out
+    preps2 = [c for c in s2 if script_of(c) == "prepare.py"]
+    assert {(flag(c, "--task"), int(flag(c, "--max_seq_length"))) for c in preps2} == good
+    assert all(flag(c, "--num_samples") == "50" for c in preps2)
+    same = {(flag(c, "--task"), flag(c, "--max_seq_length")): prep_args(c) for c in preps1}
+    assert all(prep_args(c) == same[(flag(c, "--task"), flag(c, "--max_seq_length"))] for c in preps2)
+    preds2 = [c for c in s2 if script_of(c) == "call_api.py"]
+    by_method = {}
+    for c in preds2:
+        by_method.setdefault(Path(flag(c, "--save_dir")).parent.name, []).append(c)
+    assert sorted(by_method) == ["dense", "local", "oracle", "sketchwalk", "sketchwalk_mean"]
+    assert all(len(v) == 3 for v in by_method.values())
+    assert all(flag(c, "--max_new_tokens") == "64" and flag(c, "--batch_size") == "1" and "--skip_decode" not in c
+               for c in preds2)
+    assert all(flag(c, "--dense_last_blocks") == "0" for c in preds2 if "SketchWalk" in c)
+    assert flag(by_method["sketchwalk_mean"][0], "--key_summary") == "mean"
+    assert flag(by_method["oracle"][0], "--selector") == "oracle" and flag(by_method["local"][0], "--selector") == "local"
+    [cmp2] = [c for c in s2 if script_of(c) == "compare_results.py"]
+    assert flag(cmp2, "--baseline") == "dense" and cmp2.count("--run") == 5
+
+    _, e2e = plan([SWEEPS / "gemma3_e2e_32k.yaml", "--dry_run", "--root_dir", tmp_path / "e"])
+    [prep] = [c for c in e2e if script_of(c) == "prepare.py"]
+    assert prep_args(prep) == same[("niah_single_1", "32768")] and flag(prep, "--num_samples") == "10"
+    preds = [c for c in e2e if script_of(c) == "call_api.py"]
+    assert [flag(c, "--server_type") for c in preds] == ["hf", "SketchWalk"]
+    assert all(flag(c, "--max_new_tokens") == "64" and flag(c, "--batch_size") == "1" for c in preds)
+
+
 # ------------------------------------------------------------------------- running, resuming
 def test_run_then_resume_skips_everything(tmp_path, capsys, monkeypatch):
     cfg = tiny_config(tmp_path)
