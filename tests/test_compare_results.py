@@ -78,6 +78,28 @@ def test_wilson_known_values():
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
 
 
+def test_density_by_layer_type(tmp_path):
+    """Gemma-3's records give the density per layer type; the comparison keeps its per-kind means."""
+    dense_run(tmp_path / "dense")
+    recs = []
+    for i, dn in enumerate((0.2, 0.4, 0.3, 0.3, 0.3)):
+        r = rec(i, f"{100 + i}", [str(100 + i)], density=(dn, 0.5), method="sketch_walk")
+        r["others"]["density_by_layer_type"] = {
+            "sparse": {"prefill": dn, "decode": 0.1, "overall": dn, "layers": [5, 11, 17]},
+            "sliding": {"prefill": 0.03, "decode": 0.02, "overall": 0.03, "layers": [0, 1, 2]}}
+        recs.append(r)
+    write(tmp_path / "sw" / "niah_single_1.jsonl", recs)
+    res = cr.run_comparison({"dense": str(tmp_path / "dense"), "sketchwalk": str(tmp_path / "sw")}, tmp_path / "c")
+    [cell] = res["cells"]
+    by = cell["runs"]["sketchwalk"]["density_by_layer_type"]
+    assert list(by) == ["sparse", "sliding"] and by["sparse"]["layers"] == [5, 11, 17]
+    assert by["sparse"]["prefill"] == pytest.approx(0.3) and by["sparse"]["decode"] == pytest.approx(0.1)
+    assert by["sliding"]["prefill"] == pytest.approx(0.03)
+    assert cell["runs"]["dense"]["density_by_layer_type"] is None
+    saved = json.loads((tmp_path / "c" / "comparison.json").read_text())
+    assert saved["cells"][0]["runs"]["sketchwalk"]["density_by_layer_type"]["sliding"]["layers"] == [0, 1, 2]
+
+
 def test_report_math(tmp_path):
     dense_run(tmp_path / "dense")
     sparse_run(tmp_path / "sw")

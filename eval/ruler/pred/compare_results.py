@@ -336,6 +336,7 @@ def read_samples(name: str, task: str, length: str, files):
                 "new_tokens": others.get("new_tokens"),
                 "density": density,
                 "density_per_layer": others.get("density_per_layer"),
+                "density_by_layer_type": others.get("density_by_layer_type"),
                 "where": f"{path}:{lineno}",
             }
     if not samples:
@@ -502,6 +503,27 @@ def _density_stats(name, cell, samples):
         out["per_layer"] = [sum(col) / len(col) for col in zip(*layers)]
     else:
         out["per_layer"] = None
+    out["by_layer_type"] = _by_layer_type([s.get("density_by_layer_type") for s in have])
+    return out
+
+
+def _by_layer_type(reports):
+    """Per-sample ``others.density_by_layer_type`` ({kind: {prefill, decode, overall, layers}}) -> the
+    per-kind means over the samples, when every sample has the same kinds and layers; else None."""
+    if not reports or not all(isinstance(r, dict) and r for r in reports):
+        return None
+    kinds = list(reports[0])
+    if any(list(r) != kinds or any(r[k].get("layers") != reports[0][k].get("layers") for k in kinds)
+           for r in reports):
+        return None
+    out = OrderedDict()
+    for k in kinds:
+        row = OrderedDict()
+        for part in ("prefill", "decode", "overall"):
+            vals = [r[k].get(part) for r in reports if isinstance(r[k].get(part), (int, float))]
+            row[part] = _mean(vals) if vals else None
+        row["layers"] = reports[0][k].get("layers")
+        out[k] = row
     return out
 
 
@@ -545,6 +567,7 @@ def compare(loaded, baseline, scorer, n_boot=10000, seed=0):
                 density_prefill=dens["prefill"], density_decode=dens["decode"],
                 density_overall=dens["overall"], density_source=dens["source"],
                 density_per_layer=dens["per_layer"],
+                density_by_layer_type=dens.get("by_layer_type"),
                 prefill_s=prefill, decode_s=decode, total_s=prefill + decode,
                 prompt_tokens=_mean([s["prompt_tokens"] for s in samples
                                      if isinstance(s["prompt_tokens"], (int, float))]),
@@ -711,7 +734,9 @@ def write_report(path, runs, settings, baseline, cells, summary, plots, n_boot, 
                 L.append(f"| {name} | " + " | ".join(vals) + " |")
             L.append("")
     L.append("## Files\n")
-    L.append("- `comparison.json`: every number above, plus per-layer prefill density (`density_per_layer`).")
+    L.append("- `comparison.json`: every number above, plus per-layer prefill density (`density_per_layer`) "
+             "and, for models whose layers differ (Gemma-3), the density per layer type "
+             "(`density_by_layer_type`: sparse, dense and sliding-window layers apart).")
     L.append("- `samples.jsonl`: compact per-sample records (no prompts).")
     for p in plots:
         L.append(f"- `{p}`")
