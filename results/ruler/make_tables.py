@@ -1,17 +1,23 @@
 #!/usr/bin/env python
 """Print the README's RULER evidence tables from the committed comparison files (no model runs).
 
-    python results/ruler/make_tables.py
+    python results/ruler/make_tables.py                              # SmolLM2 (results/ruler)
+    python results/ruler/make_tables.py --root results/ruler_gemma3  # Gemma-3-270M
 
-Reads results/ruler/stage1/comparison/comparison.json (dense, 11 tasks x 3 lengths),
-results/ruler/stage2/comparison*/comparison.json (the selectors on the judged cells) and
-results/ruler/stage2_seerattn/comparison_<length>/comparison.json (SeerAttn at a threshold per length,
-whose samples are the same as stage 2's: checked here by (task, length, index, sha256 of input)).
+Reads {root}/stage1/comparison/comparison.json (dense, 11 tasks x 3 lengths),
+{root}/stage2/comparison*/comparison.json (the selectors on the judged cells) and, where they exist,
+{root}/stage2_seerattn/comparison_<length>/comparison.json (SeerAttn at a threshold per length,
+whose samples are the same as stage 2's: checked here by (task, length, index, sha256 of input)),
+{root}/stage2/comparison_dense_rows/comparison.json (rows reported apart) and
+{root}/e2e_32k/comparison/comparison.json (end-to-end seconds per sample of one process alone).
+Models whose layers differ (Gemma-3) also get the prefill density per layer type.
 """
+import argparse
 import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = HERE
 LABELS = {
     "dense": "dense",
     "sketchwalk": "SketchWalk, default (minmax, walk 0.25, top_k 16)",
@@ -26,14 +32,22 @@ LABELS = {
 }
 
 
+def path_of(path):
+    return os.path.join(ROOT, path)
+
+
+def exists(path):
+    return os.path.isfile(path_of(path))
+
+
 def load(path):
-    with open(os.path.join(HERE, path)) as fh:
+    with open(path_of(path)) as fh:
         return json.load(fh)
 
 
 def sample_keys(path, run):
     keys = {}
-    with open(os.path.join(HERE, path)) as fh:
+    with open(path_of(path)) as fh:
         for line in fh:
             r = json.loads(line)
             if r["run"] == run:
@@ -41,7 +55,11 @@ def sample_keys(path, run):
     return keys
 
 
-def main():
+def fmt_len(n):
+    return f"{n // 1024}K"
+
+
+def stage1_table():
     s1 = load("stage1/comparison/comparison.json")
     lengths = sorted({int(c["length"]) for c in s1["cells"]})
     tasks = []
@@ -49,29 +67,38 @@ def main():
         if c["task"] not in tasks:
             tasks.append(c["task"])
     score = {(c["task"], int(c["length"])): c["runs"]["dense"]["score"] for c in s1["cells"]}
-    print("Stage 1, dense RULER score (n = 25 per cell; judged = at least 50, in bold)\n")
-    print("| task | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |")
+    ns = sorted({c["runs"]["dense"]["n"] for c in s1["cells"]})
+    n = f"n = {ns[0]} per cell" if len(ns) == 1 else f"n = {ns[0]}-{ns[-1]} per cell"
+    print(f"Stage 1, dense RULER score ({n}; judged = at least 50, in bold)\n")
+    print("| task | " + " | ".join(fmt_len(n) for n in lengths) + " |")
     print("| --- |" + " --- |" * len(lengths))
     for t in tasks:
         cells = [score[(t, n)] for n in lengths]
         print(f"| {t} | " + " | ".join(f"**{v:.0f}**" if v >= 50 else f"{v:.0f}" for v in cells) + " |")
+    return lengths
 
+
+def stage2_cells(lengths):
     s2 = load("stage2/comparison/comparison.json")
     cells = {(c["task"], int(c["length"])): c["runs"] for c in s2["cells"]}
     seer_keys, base_keys = {}, sample_keys("stage2/comparison/samples.jsonl", "dense")
     for n in lengths:
         path = f"stage2_seerattn/comparison_{n}/comparison.json"
-        if not os.path.isfile(os.path.join(HERE, path)):
+        if not exists(path):
             continue
         for c in load(path)["cells"]:
             cells[(c["task"], int(c["length"]))]["seerattn"] = c["runs"]["seerattn"]
         seer_keys.update(sample_keys(f"stage2_seerattn/comparison_{n}/samples.jsonl", "seerattn"))
-    same = sum(1 for k, v in seer_keys.items() if base_keys.get(k) == v)
-    print(f"\n(SeerAttn samples identical to stage 2's: {same} of {len(seer_keys)})\n")
+    if seer_keys:
+        same = sum(1 for k, v in seer_keys.items() if base_keys.get(k) == v)
+        print(f"\n(SeerAttn samples identical to stage 2's: {same} of {len(seer_keys)})")
+    return cells
 
+
+def stage2_tables(cells):
     order = ["dense", "sketchwalk", "sketchwalk_onehop", "sketchwalk_mean", "sketchwalk_mean_onehop",
              "sketchwalk_top8", "sketchwalk_top32", "seerattn", "oracle", "local"]
-    print("Stage 2, mean over the judged cells\n")
+    print("\nStage 2, mean over the judged cells\n")
     print("| method | RULER score (mean of cells) | Δ vs dense | prefill density | s / sample |")
     print("| --- | --- | --- | --- | --- |")
     for m in order:
@@ -85,7 +112,8 @@ def main():
               f"{mean('density_prefill'):.3f} | {mean('total_s'):.2f}{note} |")
 
     print("\nStage 2, per cell: accuracy [95% interval], prefill density\n")
-    show = ["dense", "sketchwalk", "sketchwalk_mean", "seerattn", "oracle", "local"]
+    show = [m for m in ["dense", "sketchwalk", "sketchwalk_mean", "seerattn", "oracle", "local"]
+            if any(m in r for r in cells.values())]
     print("| cell (n) | " + " | ".join(show) + " |")
     print("| --- |" + " --- |" * len(show))
     for (t, n), runs in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -97,16 +125,90 @@ def main():
                 continue
             lo, hi = r["acc_all_ci"]
             parts.append(f"{r['score']:.0f} [{lo:.0f}, {hi:.0f}] / {r['density_prefill']:.2f}")
-        print(f"| {t} @ {n // 1024}K ({runs['dense']['n']}) | " + " | ".join(parts) + " |")
+        print(f"| {t} @ {fmt_len(n)} ({runs['dense']['n']}) | " + " | ".join(parts) + " |")
 
-    rows = load("stage2/comparison_dense_rows/comparison.json")["cells"][0]["runs"]
-    print("\nniah_single_1 @ 8K (n = 100), reported apart\n")
+
+def layer_type_table(cells):
+    """Prefill density per layer type (sparse: the layers that select blocks; sliding: their own
+    window; dense: layers kept dense), mean over the judged cells of each length."""
+    rows = {}
+    for (t, n), runs in cells.items():
+        for m, r in runs.items():
+            by = r.get("density_by_layer_type")
+            if by:
+                rows.setdefault((m, n), []).append(by)
+    if not rows:
+        return
+    kinds = [k for k in ("sparse", "sliding", "dense") if any(k in b for v in rows.values() for b in v)]
+    layers = {}
+    for v in rows.values():
+        for b in v:
+            for k in kinds:
+                if k in b and k not in layers:
+                    layers[k] = b[k].get("layers")
+    print("\nStage 2, prefill density per layer type (mean over the judged cells of each length; "
+          + "; ".join(f"{k}: layers {', '.join(map(str, layers[k]))}" for k in kinds) + ")\n")
+    print("| method | length (cells) | " + " | ".join(kinds) + " | all layers |")
+    print("| --- | --- |" + " --- |" * (len(kinds) + 1))
+    for (m, n), v in sorted(rows.items(), key=lambda kv: (list(LABELS).index(kv[0][0])
+                                                          if kv[0][0] in LABELS else 99, kv[0][1])):
+        vals = [sum(b[k]["prefill"] for b in v) / len(v) if all(k in b for b in v) else None for k in kinds]
+        overall = [cells[c][m]["density_prefill"] for c in cells if c[1] == n and m in cells[c]]
+        print(f"| {m} | {fmt_len(n)} ({len(v)}) | " + " | ".join("-" if x is None else f"{x:.3f}" for x in vals)
+              + f" | {sum(overall) / len(overall):.3f} |")
+
+
+def dense_rows_table():
+    path = "stage2/comparison_dense_rows/comparison.json"
+    if not exists(path):
+        return
+    cell = load(path)["cells"][0]
+    rows = cell["runs"]
+    n = rows[next(iter(rows))]["n"]
+    print(f"\n{cell['task']} @ {fmt_len(int(cell['length']))} (n = {n}), reported apart\n")
     print("| method | accuracy [95%] | prefill density | decode density | s / sample |")
     print("| --- | --- | --- | --- | --- |")
     for m, r in rows.items():
         lo, hi = r["acc_all_ci"]
         print(f"| {m} | {r['score']:.0f} [{lo:.0f}, {hi:.0f}] | {r['density_prefill']:.3f} | "
               f"{r['density_decode']:.3f} | {r['total_s']:.2f} |")
+
+
+def e2e_table():
+    path = "e2e_32k/comparison/comparison.json"
+    if not exists(path):
+        return
+    comp = load(path)
+    for cell in comp["cells"]:
+        runs = cell["runs"]
+        print(f"\nEnd to end, {cell['task']} @ {fmt_len(int(cell['length']))}, one process alone, batch 1 "
+              f"(n = {cell['n']})\n")
+        print("| method | prefill s | decode s | new tokens | ms / decode token | total s | speedup vs dense "
+              "| prefill density | accuracy |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for m, r in runs.items():
+            vs = r.get("vs_baseline") or {}
+            ms = 1000 * r["decode_s"] / r["new_tokens"] if r.get("new_tokens") else float("nan")
+            speed = vs.get("speedup_total")
+            print(f"| {LABELS.get(m, m)} | {r['prefill_s']:.3f} | {r['decode_s']:.3f} | {r['new_tokens']:.1f} | "
+                  f"{ms:.1f} | {r['total_s']:.3f} | {'-' if speed is None else f'{speed:.2f}x'} | "
+                  f"{r['density_prefill']:.3f} | {r['score']:.0f} |")
+
+
+def main(argv=None):
+    global ROOT
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default=HERE, help="folder with stage1/, stage2/, ... (default: results/ruler)")
+    args = p.parse_args(argv)
+    ROOT = args.root
+    lengths = stage1_table()
+    if not exists("stage2/comparison/comparison.json"):
+        return
+    cells = stage2_cells(lengths)
+    stage2_tables(cells)
+    layer_type_table(cells)
+    dense_rows_table()
+    e2e_table()
 
 
 if __name__ == "__main__":
