@@ -244,7 +244,7 @@ def select_breakdown(sel, q, k) -> dict:
                           select_per=c.select_per, srht_matrix=s_mat, sparsity_exponent=c.sparsity_exponent,
                           walk_damping=c.walk_damping, r_prev=sel.state.walk_r, n_sink=c.n_sink,
                           n_local=c.n_local, top_k=c.top_k_blocks, dense_last=c.dense_last_blocks,
-                          other_precisions=("tf32",))
+                          other_precisions=("tf32", "fp16"))
     return {name: bench_ms(fn) for name, fn in fns.items()}
 
 
@@ -543,7 +543,8 @@ def main() -> None:
                      "replay of 20 steps / 20",
            "peak_mb": "max_memory_allocated during one call minus memory allocated before it"}
     from sketch_walk.kernels.block_transition import dot_precision
-    res["select_dot_precision"] = dot_precision()       # block_transition's operands (SKETCH_WALK_SELECT_DOT)
+    # block_transition's operands (SKETCH_WALK_SELECT_DOT; "auto": by the number of key blocks)
+    res["select_dot_precision"] = {n: dot_precision(n // BS) for n in (8192, 16384, 32768, 65536, 131072)}
     res["rooflines"] = rooflines()
     print(f"{gpu} torch {torch.__version__} triton {triton.__version__}: {res['rooflines']}", flush=True)
     t0 = time.time()

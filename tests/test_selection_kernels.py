@@ -11,7 +11,8 @@ file run with ``--worker``; TRITON_INTERPRET is read when a kernel module is imp
 seed is printed with each result), poisons the outputs with NaN before the call (so an unwritten element
 fails), and compares with a float64 reference by relative error ||x - ref|| / ||ref||:
   * interpreter: fp32 dots are exact, so 1e-5 (pooled vectors: 1e-6; maxima, fp64 sums, counts: exact);
-  * GPU: block_transition uses fp16 operands, walk_step TF32 dots (see block_transition's docstring): 5e-3.
+  * GPU: block_transition uses TF32 dots, or fp16 operands from 1536 key blocks on, walk_step TF32 (see
+    block_transition's docstring): 5e-3.
 The interpreter runs the kernel logic with exact fp32 dots (SKETCH_WALK_SELECT_DOT=tf32 in the child) and,
 in the cases marked prec "fp16", with the GPU default's fp16 operands, at the GPU's tolerances.
 Lists from row_select are compared exactly with sketch_walk.selection.select_blocks on the same fp32 scores
@@ -436,6 +437,22 @@ def test_walk_step_interpreter(case, interpreter_results):
 @pytest.mark.parametrize("case", PIPELINE_CASES, ids=lambda c: c["name"])
 def test_select_prefill_triton_vs_torch_interpreter(case, interpreter_results):
     _check_pipeline(interpreter_results[f"pipeline/{case['name']}"], _interp_tol(case))
+
+
+def test_dot_precision_auto_and_override(monkeypatch):
+    """auto: fp16 operands only for long rows (where they were measured faster), TF32 otherwise; the env
+    var forces either; a bad value is an error naming the variable."""
+    from sketch_walk.kernels.block_transition import FP16_MIN_BLOCKS, dot_precision
+    monkeypatch.delenv("SKETCH_WALK_SELECT_DOT", raising=False)
+    assert dot_precision() == "tf32" and dot_precision(FP16_MIN_BLOCKS - 1) == "tf32"
+    assert dot_precision(FP16_MIN_BLOCKS) == "fp16"
+    monkeypatch.setenv("SKETCH_WALK_SELECT_DOT", "tf32")
+    assert dot_precision(10 * FP16_MIN_BLOCKS) == "tf32"
+    monkeypatch.setenv("SKETCH_WALK_SELECT_DOT", "fp16")
+    assert dot_precision(4) == "fp16"
+    monkeypatch.setenv("SKETCH_WALK_SELECT_DOT", "bf16")
+    with pytest.raises(ValueError, match="SKETCH_WALK_SELECT_DOT"):
+        dot_precision(4)
 
 
 def test_cpu_default_keeps_torch_path(monkeypatch):

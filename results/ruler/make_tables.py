@@ -8,7 +8,9 @@ Reads {root}/stage1/comparison/comparison.json (dense, 11 tasks x 3 lengths),
 {root}/stage2/comparison*/comparison.json (the selectors on the judged cells) and, where they exist,
 {root}/stage2_seerattn/comparison_<length>/comparison.json (SeerAttn at a threshold per length,
 whose samples are the same as stage 2's: checked here by (task, length, index, sha256 of input)),
-{root}/stage2/comparison_dense_rows/comparison.json (rows reported apart) and
+{root}/stage2/comparison_dense_rows/comparison.json (rows reported apart),
+{root}/stage2_decode/comparison/comparison.json (dense decode / dense last query block on the essay cells),
+{root}/two_gpu/two_gpu.json (one GPU vs torchrun on two) and
 {root}/e2e_32k/comparison/comparison.json (end-to-end seconds per sample of one process alone).
 Models whose layers differ (Gemma-3) also get the prefill density per layer type.
 """
@@ -174,6 +176,48 @@ def dense_rows_table():
               f"{r['density_decode']:.3f} | {r['total_s']:.2f} |")
 
 
+DECODE_LABELS = {
+    "dense": "dense",
+    "sketchwalk": "SketchWalk default (sparse decode, last block sparse)",
+    "sketchwalk_skip_decode": "+ dense decode (--skip_decode)",
+    "sketchwalk_dlb1": "+ last query block dense (--dense_last_blocks 1)",
+    "sketchwalk_dlb1_skip_decode": "+ both",
+    "oracle_skip_decode": "oracle + dense decode",
+}
+
+
+def decode_rows_table(judged):
+    """Per cell and mean: the decode / last-block rows; ``judged``: stage 1's judged (task, length) cells."""
+    path = "stage2_decode/comparison/comparison.json"
+    if not exists(path):
+        return
+    cells = load(path)["cells"]
+    runs = list(cells[0]["runs"])
+    print("\nDense decode and the last query block, essay cells (stage2_decode; RULER score / prefill density)\n")
+    print("| method | " + " | ".join(f"{c['task']} @ {fmt_len(int(c['length']))}{'' if (c['task'], int(c['length'])) in judged else ' (not judged)'}"
+                                 for c in cells) + " | mean, judged cells | mean, all |")
+    print("| --- " * (len(cells) + 3) + "|")
+    for m in runs:
+        vals = [c["runs"][m]["score"] for c in cells]
+        jv = [c["runs"][m]["score"] for c in cells if (c["task"], int(c["length"])) in judged]
+        print(f"| {DECODE_LABELS.get(m, m)} | " + " | ".join(
+            f"{c['runs'][m]['score']:.0f} / {c['runs'][m]['density_prefill']:.2f}" for c in cells)
+              + f" | {sum(jv) / max(1, len(jv)):.1f} | {sum(vals) / len(vals):.1f} |")
+
+
+def two_gpu_summary():
+    path = "two_gpu/two_gpu.json"
+    if not exists(path):
+        return
+    d = load(path)
+    one, two, ip = d["one_gpu"], d["two_gpus"], d["identical_predictions"]
+    method = d["method"]["server_type"] if isinstance(d["method"], dict) else d["method"]
+    print(f"\nTwo GPUs ({d['gpus'][0].split(',')[1].strip()} x {len(d['gpus'])}), {d['task']} @ {fmt_len(d['length'])}, "
+          f"{d['n']} samples, {method} (default knobs): one GPU {one['wall_s']:.1f} s, torchrun on two {two['wall_s']:.1f} s "
+          f"({d['speedup']['wall']:.2f}x wall, {d['speedup']['predict']:.2f}x in predict seconds); "
+          f"{ip['identical']}/{ip['compared']} predictions identical; scores {one['score']:.2f} / {two['score']:.2f}")
+
+
 def e2e_table():
     path = "e2e_32k/comparison/comparison.json"
     if not exists(path):
@@ -208,6 +252,8 @@ def main(argv=None):
     stage2_tables(cells)
     layer_type_table(cells)
     dense_rows_table()
+    decode_rows_table({(t, int(n)) for t, n in cells})
+    two_gpu_summary()
     e2e_table()
 
 

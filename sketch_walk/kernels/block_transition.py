@@ -29,15 +29,17 @@ Cost at 128K tokens, Llama-3.1-8B geometry (n_b = 2048, H = 32, d = 128, minmax:
 pass: 32 heads x 528 causal 64 x 64 tiles x 64 x 64 x 256 x 2 = 35 GFLOP of TF32 (~0.1-0.2 ms on an H100),
 inputs ~40 MB (L2-resident tiles), output 16 MB (pass 2). At 8K (n_b = 128): tiny; latency, S = 32.
 
-Dot precision. Scores accumulate in fp32. Default "fp16": the wrapper scales Qbar (or Qtil) and rounds it and
+Dot precision. Scores accumulate in fp32. Default "auto": "fp16" from 1536 key blocks on, "tf32" below
+(:func:`dot_precision`). "fp16": the wrapper scales Qbar (or Qtil) and rounds it and
 the key summaries to fp16 once (clamped to +-65504), and the dots run at fp16 tensor-core rate: the same
 10-bit mantissa as TF32 at half the bytes per tile and twice the rate (at 128K the two passes were 0.65 ms
-with TF32 operands, ~110 TFLOP/s: bound by the fp32 tile traffic, not by the tensor cores). Minmax keys of an
+with TF32 operands, ~110 TFLOP/s, 0.43 ms with fp16; below ~64K tokens the three rounding launches cost more
+than the dots save). Minmax keys of an
 fp16 model are exact in fp16; bf16 keys lose nothing either unless below fp16's normal range (6e-5), where
 they no longer matter to a score. The error is Qbar's rounding, |d Ahat| <~ 2^-11 scale sum_c |q_c k_c|,
 ~1e-3 relative on P. The selection only needs the order of W, and that error is far below the sketch's own
-(minmax is an upper bound; mean is a random projection). SKETCH_WALK_SELECT_DOT=tf32 (fp32 operands entering
-``tl.dot`` as TF32, the first version), tf32x3 (~fp32, triple the cost) or ieee (no tensor cores, ~8x slower)
+(minmax is an upper bound; mean is a random projection). SKETCH_WALK_SELECT_DOT=fp16 or tf32 (fp32 operands entering
+``tl.dot`` as TF32), tf32x3 (~fp32, triple the cost) or ieee (no tensor cores, ~8x slower)
 override it, for checking. The walk step (:mod:`.walk_step`) multiplies probabilities down to ~1e-30 and
 stays TF32 under "fp16". The interpreter computes exact fp32 dots for fp32 operands and fp16 products for
 fp16 ones.
@@ -213,10 +215,21 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def dot_precision() -> str:
-    p = os.environ.get("SKETCH_WALK_SELECT_DOT", "fp16")
-    if p not in DOT_PRECISIONS:
-        raise ValueError(f"SKETCH_WALK_SELECT_DOT={p!r}: choose one of {', '.join(DOT_PRECISIONS)}")
+# From this many key blocks on (96K tokens at block 64), "auto" takes fp16 operands. Measured on the H100
+# (benchmarks/results/attention_speed_NVIDIA_H100_80GB_HBM3.json, transition vs transition@tf32, Llama-3.1-8B
+# geometry): 128K 0.43 ms fp16 vs 0.65 TF32; 64K 0.18-0.29 vs 0.19; 8K-32K 0.16-0.21 vs 0.06-0.07, where the
+# wrapper's three rounding launches cost more than the dots save.
+FP16_MIN_BLOCKS = 1536
+
+
+def dot_precision(n_blocks: Optional[int] = None) -> str:
+    """The dot precision of step 4: $SKETCH_WALK_SELECT_DOT if set, else "auto": fp16 operands from
+    :data:`FP16_MIN_BLOCKS` key blocks on, TF32 below (and when ``n_blocks`` is not given)."""
+    p = os.environ.get("SKETCH_WALK_SELECT_DOT", "auto")
+    if p not in DOT_PRECISIONS + ("auto",):
+        raise ValueError(f"SKETCH_WALK_SELECT_DOT={p!r}: choose auto or one of {', '.join(DOT_PRECISIONS)}")
+    if p == "auto":
+        return "fp16" if n_blocks is not None and n_blocks >= FP16_MIN_BLOCKS else "tf32"
     return p
 
 
@@ -279,7 +292,7 @@ def block_transition_partials(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[t
     Ktil; kb: Kmin (minmax) or None (mean). ``scale`` > 0: the attention's scale. ``config`` pins
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages for both passes (the GPU autotunes otherwise, the
     interpreter uses 16 x 16 tiles and 32-channel chunks). ``precision``: tl.dot input precision (module
-    docstring), default SKETCH_WALK_SELECT_DOT or "fp16". ``head_split``: S (default :func:`default_head_split`).
+    docstring), default :func:`dot_precision` of n_b. ``head_split``: S (default :func:`default_head_split`).
     """
     minmax = kb is not None
     if qp.dim() != 4 or ka.dim() != 4 or qp.shape[-2:] != ka.shape[-2:] or qp.shape[0] != ka.shape[0]:
@@ -299,7 +312,7 @@ def block_transition_partials(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[t
     gp = 1 if select_per == "layer" else hkv
     heads_out = h // gp
     dev = qp.device
-    prec = precision or dot_precision()
+    prec = precision or dot_precision(nb)
     qk_scale = float(scale) * _LOG2E
     if prec == "fp16":
         # Scale q here (it commutes with max(., 0) / min(., 0)) and round every operand to fp16 once: half the
