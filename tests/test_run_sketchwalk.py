@@ -588,3 +588,27 @@ def test_device_scripts(tmp_path):
     proc = source(MODEL="gemma3-270m", SKETCH_WALK_CACHE=str(tmp_path / "cache"))
     assert (tmp_path / "cache/gguf/gemma-3-270m-q4_k_m.gguf").read_bytes() == fake.read_bytes()
     assert "rc=1" in proc.stdout and "could not be converted" in proc.stderr
+
+
+def test_device_run_returns_when_the_sweep_ends(tmp_path):
+    """device_run.sh with a stub setup and driver: the flags reach the driver, and the call ends as soon
+    as its work does (the budget's killer, sleeping until SECONDS - RESERVE, is stopped with its sleep
+    and holds no copy of stdout, so whoever reads the output is not kept waiting)."""
+    import time
+
+    (tmp_path / "eval/ruler").mkdir(parents=True)
+    (tmp_path / "eval/ruler/device_run.sh").write_text((REPO / "eval/ruler/device_run.sh").read_text())
+    (tmp_path / "eval/ruler/device_setup.sh").write_text("true\n")
+    (tmp_path / "eval/ruler/run_sketchwalk.py").write_text(
+        "import sys\nprint('driver', *sys.argv[1:])\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    sweep = f"swtest_{os.getpid()}_{time.time_ns()}.yaml"       # its root under /tmp/gpu_run does not exist
+    t0 = time.time()
+    proc = subprocess.run(["bash", "eval/ruler/device_run.sh", "40", sweep], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=35, env=dict(os.environ, OUT=str(out), JOBS="3", GPUS="2", RESERVE="0"))
+    assert time.time() - t0 < 25, proc.stderr
+    log = (out / "run.log").read_text()
+    assert f"driver {sweep} --root_dir /tmp/gpu_run/{sweep[:-5]} --jobs 3 --gpus 2 --only prepare predict" in log
+    assert "--jobs 3 --only evaluate compare" in log
+    assert "predict exit 0" in (out / "device.log").read_text()

@@ -40,10 +40,14 @@ if [ "$left" -gt 0 ]; then
   python3 eval/ruler/run_sketchwalk.py "$sweep" --root_dir "$root" --jobs "$jobs" --gpus "$gpus" \
       --only prepare predict "$@" >> "$OUT/run.log" 2>&1 &
   driver=$!
-  ( sleep "$left"; echo "budget reached: stopping the sweep" >> "$OUT/device.log"; kill -TERM -- "-$driver" 2>/dev/null ) &
+  # The killer's output goes nowhere and its whole group (its sleep too) is stopped when the driver
+  # ends first: an orphaned sleep holding this script's stdout would keep the call open until it woke.
+  ( sleep "$left"; echo "budget reached: stopping the sweep" >> "$OUT/device.log"; kill -TERM -- "-$driver" 2>/dev/null ) \
+      > /dev/null 2>&1 &
   killer=$!
   wait "$driver"; rc=$?
-  kill "$killer" 2>/dev/null
+  kill -- "-$killer" 2>/dev/null
+  wait "$killer" 2>/dev/null
   set +m
   echo "predict exit $rc after $(elapsed) s" | tee -a "$OUT/device.log"
 fi
