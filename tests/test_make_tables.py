@@ -68,3 +68,13 @@ def test_gemma_like_root(tmp_path, capsys):
     assert "End to end, niah_single_1 @ 32K, one process alone, batch 1 (n = 2)" in out
     assert "| dense | 0.400 | 1.280 | 64.0 | 20.0 | 1.680 | - | 1.000 | 100 |" in out
     assert "| SketchWalk, default (minmax, walk 0.25, top_k 16) | 0.300 | 1.600 | 64.0 | 25.0 | 1.900 | 0.88x |" in out
+
+
+def test_root_without_stage1_is_a_usage_error(tmp_path, capsys):
+    try:
+        mt.main(["--root", str(tmp_path)])
+        raise AssertionError("accepted a root without stage 1")
+    except SystemExit as exc:
+        assert exc.code == 2
+    err = capsys.readouterr().err
+    assert f"--root {tmp_path}: no stage1/comparison/comparison.json" in err and "Traceback" not in err

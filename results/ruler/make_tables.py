@@ -245,6 +245,9 @@ def main(argv=None):
     p.add_argument("--root", default=HERE, help="folder with stage1/, stage2/, ... (default: results/ruler)")
     args = p.parse_args(argv)
     ROOT = args.root
+    if not exists("stage1/comparison/comparison.json"):
+        p.error(f"--root {args.root}: no stage1/comparison/comparison.json there (a results folder such as "
+                f"results/ruler or results/ruler_gemma3)")
     lengths = stage1_table()
     if not exists("stage2/comparison/comparison.json"):
         return
