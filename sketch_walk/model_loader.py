@@ -214,10 +214,13 @@ def check_tokenizer(label: str, tok, where: str) -> None:
     except Exception:  # pragma: no cover
         version = "?"
     override = os.path.join(cache_dir(), "tokenizers", emb.sha256[:24])
+    head = (f"the tokenizer of '{label}' in {where} is wrong: {text!r} gives {len(got)} tokens, expected "
+            f"{len(want)} (transformers {version} here; 5.17 converts this GGUF's tokenizer wrongly, 5.24 right). ")
+    if os.path.abspath(where) == os.path.abspath(override):     # the override itself is the wrong one
+        raise UsageError(head + f"Replace its tokenizer.json and tokenizer_config.json with those of a right "
+                                f"conversion, or remove {override} to use the GGUF's own")
     raise UsageError(
-        f"the tokenizer of '{label}' in {where} is wrong: {text!r} gives {len(got)} tokens, expected "
-        f"{len(want)} (transformers {version} here; 5.17 converts this GGUF's tokenizer wrongly, 5.24 "
-        f"right). Use a transformers that converts it right, or put the tokenizer.json and "
+        head + f"Use a transformers that converts it right, or put the tokenizer.json and "
         f"tokenizer_config.json it makes into {override}"
         + (f" and remove {where}" if os.path.isdir(where) else ""))
 

@@ -308,6 +308,12 @@ def test_tokenizer_probe_rejects_a_wrongly_converted_tokenizer(monkeypatch, tmp_
     msg = str(exc.value)
     assert "gives 3 tokens, expected 11" in msg and str(tmp_path / "tokenizers" / SHA[:24]) in msg
     assert f"remove {tmp_path}" in msg                                   # a converted folder: remove it
+    override = tmp_path / "tokenizers" / SHA[:24]                        # the override itself is wrong:
+    override.mkdir(parents=True)                                         # replace it, not "put it there"
+    with pytest.raises(UsageError) as exc:
+        ml.check_tokenizer("gemma3-270m", _ProbeTok([236776]), str(override))
+    msg = str(exc.value)
+    assert f"in {override} is wrong" in msg and "Replace its tokenizer.json" in msg and "put the" not in msg
 
 
 def test_conversion_takes_the_tokenizer_from_the_override_folder(monkeypatch, tmp_path):
