@@ -236,7 +236,7 @@ class SketchWalkSelector(BlockSelector):
                                scale: float) -> BlockLists:
         """select_prefill's sketchwalk path in Triton (:mod:`sketch_walk.kernels.prefill_selection`: ~6 launches,
         no host sync): the same lists, walk R, W_cache and decode summaries as the torch path above, up to TF32
-        dot products and summation order (so near-ties may pick differently)."""
+        (fp16 operands from 1536 key blocks on) dot products and summation order (so near-ties may pick differently)."""
         from .kernels.prefill_selection import sketch_walk_prefill_triton
         c = self.config
         n, d = query.shape[2], query.shape[3]

@@ -14,7 +14,8 @@ fails), and compares with a float64 reference by relative error ||x - ref|| / ||
   * GPU: block_transition uses TF32 dots, or fp16 operands from 1536 key blocks on, walk_step TF32 (see
     block_transition's docstring): 5e-3.
 The interpreter runs the kernel logic with exact fp32 dots (SKETCH_WALK_SELECT_DOT=tf32 in the child) and,
-in the cases marked prec "fp16", with the GPU default's fp16 operands, at the GPU's tolerances.
+in the cases marked prec "fp16", with the fp16 operands the GPU takes from 1536 key blocks on, at the GPU's
+tolerances.
 Lists from row_select are compared exactly with sketch_walk.selection.select_blocks on the same fp32 scores
 (ties included). The whole select_prefill (Triton path vs torch path, several layers, so the walk carries R)
 must give identical lists, or -- where sums in another order move a near-tie -- lists whose kept candidate
@@ -60,7 +61,7 @@ TRANSITION_CASES: List[Dict] = [
     dict(name="mean_kvhead_k32", b=1, h=4, hkv=2, nb=19, dim=32, summary="mean", per="kv_head"),
     dict(name="minmax_d128_layer_split4", b=1, h=4, hkv=1, nb=20, dim=128, summary="minmax", per="layer", split=4),
     dict(name="minmax_d256_kvhead_nb9", b=1, h=4, hkv=2, nb=9, dim=256, summary="minmax", per="kv_head"),
-    # the GPU default: scaled, fp16-rounded operands (the interpreter does fp16 products too)
+    # the GPU's choice from 1536 key blocks on: scaled, fp16-rounded operands (the interpreter does fp16 products too)
     dict(name="fp16_minmax_layer_nb37", b=1, h=4, hkv=2, nb=37, dim=64, summary="minmax", per="layer", prec="fp16"),
     dict(name="fp16_mean_kvhead_b2", b=2, h=4, hkv=2, nb=21, dim=32, summary="mean", per="kv_head", prec="fp16"),
 ]

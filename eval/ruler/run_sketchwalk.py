@@ -18,7 +18,8 @@ For every cell (task, length) it runs the project's real scripts as subprocesses
    predicted for that folder in this run and its summary is newer than every prediction file.
 4. ``pred/compare_results.py`` for every comparison of the config (always; cheap).
 
-The sweep stops at the first failing step and prints its command. Every step that ran is
+The sweep stops at the first failing step (with ``--jobs``, once the steps running beside it have
+ended) and prints its command. Every step that ran is
 appended to ``{root_dir}/sweep_log.jsonl`` (command, exit status, seconds), so GPU time can be
 accounted for; ``--dry_run`` prints the plan (skipped steps as comments) and runs nothing.
 ``--jobs J`` runs the pending prepare, predict and evaluate steps J at a time, phase after phase;

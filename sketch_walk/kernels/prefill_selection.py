@@ -16,7 +16,8 @@ list widths from shapes, so CUDA-graph capturable):
 Plus ~10 tensor allocations (torch.empty, no kernels). The torch path launches ~50-100 kernels a layer.
 
 Differences from the torch path, all below what an order-only selection sees: fp32 sums in another order
-(pooling), fp16-operand dot products on the GPU (:mod:`.block_transition`), the first layer's R = rownorm(W) instead of
+(pooling), TF32 dot products on the GPU, fp16 operands from 1536 key blocks on (:mod:`.block_transition`), the
+first layer's R = rownorm(W) instead of
 rownorm((1 - beta) W + beta W), GPU exp / log. The interpreter reproduces the torch path's lists except at
 near-ties (tests/test_selection_kernels.py).
 """
