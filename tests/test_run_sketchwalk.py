@@ -612,3 +612,24 @@ def test_device_run_returns_when_the_sweep_ends(tmp_path):
     assert f"driver {sweep} --root_dir /tmp/gpu_run/{sweep[:-5]} --jobs 3 --gpus 2 --only prepare predict" in log
     assert "--jobs 3 --only evaluate compare" in log
     assert "predict exit 0" in (out / "device.log").read_text()
+
+
+def test_two_gpu_run_keeps_data_per_model(tmp_path):
+    """two_gpu_run.sh with stub setup and scripts: the data folder it keeps between calls is named by the
+    model too (another model's tokenizer and template make other prompts), and two_gpu.json is written."""
+    for rel, text in (("eval/ruler/device_setup.sh", "MODEL=${MODEL:-smollm2}\n"),
+                      ("eval/ruler/data/prepare.py", "import sys\n"),
+                      ("eval/ruler/pred/call_api.py", "import sys\n"),
+                      ("eval/ruler/eval/evaluate.py", "import sys\n")):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / "eval/ruler/two_gpu_run.sh").write_text((REPO / "eval/ruler/two_gpu_run.sh").read_text())
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run(["bash", "eval/ruler/two_gpu_run.sh"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OUT=str(out), WORK=str(tmp_path / "w"), MODEL="gemma3-270m",
+                                                DEVICE="cpu", N="4", LENGTH="1024", LIMIT1="30", LIMIT2="30"))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "two_gpu.json").read_text())
+    assert f"--save_dir {tmp_path / 'w'}/data_gemma3-270m_1024_4 " in summary["commands"]["prepare"]
+    assert summary["model"] == "gemma3-270m"

@@ -34,7 +34,7 @@ MODEL=${MODEL:-smollm2}
 ms() { date +%s%3N; }
 
 # 1. the data (kept between calls while the machine stays warm; prepare.py is deterministic)
-data=$work/data_${LENGTH}_$N
+data=$work/data_${MODEL}_${LENGTH}_$N   # per model: its tokenizer and template make the prompts
 prepare=(python3 eval/ruler/data/prepare.py --save_dir "$data" --benchmark synthetic --task $TASK
          --subset validation --tokenizer_path "$MODEL" --tokenizer_type hf --max_seq_length "$LENGTH"
          --num_samples "$N" --random_seed $SEED)
