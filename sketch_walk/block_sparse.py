@@ -141,13 +141,15 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[in
 
 def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                                      block_cnt: torch.Tensor, block_size: int, sm_scale: Optional[float] = None,
-                                     max_gather_bytes: int = 1 << 28) -> Tuple[torch.Tensor, torch.Tensor]:
+                                     max_gather_bytes: int = 1 << 28,
+                                     window: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Prefill block-sparse attention in plain PyTorch.
 
     q (B, H, n, d); k, v (B, H_kv, n, d) (same n: queries are positions 0..n-1); block lists as in the
     module docstring. Returns out (B, H, n, d) in q's dtype and lse (B, H, n) in fp32 (fp64 for fp64
     inputs). Work is done per chunk of query blocks on gathered K/V, so memory stays bounded
-    (``max_gather_bytes``) and time scales with the kept blocks, not n^2.
+    (``max_gather_bytes``) and time scales with the kept blocks, not n^2. ``window`` w (a sliding-window
+    layer): query t also needs t - s < w (keys t-w+1..t), on top of the lists.
     """
     b, h, n, d, h_kv = _check_shapes(q, k, v)
     r = h // h_kv
@@ -178,6 +180,8 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
         kval = valid[:, :, i0:i1].unsqueeze(-1).expand(-1, -1, -1, -1, bs).reshape(b, h_kv, i1 - i0, -1)
         qpos = (torch.arange(i0, i1, device=q.device).unsqueeze(-1) * bs + tok)  # (c, bs)
         allowed = kval.unsqueeze(-2) & (kpos.unsqueeze(-2) <= qpos.unsqueeze(-1)) & (kpos.unsqueeze(-2) < n)
+        if window:
+            allowed = allowed & (qpos.unsqueeze(-1) - kpos.unsqueeze(-2) < window)
         s = torch.einsum("bgrcqd,bgckd->bgrcqk", qb[:, :, :, i0:i1], kc) * scale
         s = s.masked_fill(~allowed.unsqueeze(2), float("-inf"))
         m = s.amax(-1, keepdim=True)
@@ -235,12 +239,33 @@ def block_sparse_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 # ----------------------------------------------------------------------------------------------
 
 def block_sparse_attention(q, k, v, block_idx, block_cnt, block_size: int, sm_scale: Optional[float] = None,
-                           backend: Optional[str] = None):
-    """Prefill block-sparse attention; Triton on CUDA, the PyTorch reference elsewhere. Returns (out, lse)."""
+                           backend: Optional[str] = None, window: Optional[int] = None):
+    """Prefill block-sparse attention; Triton on CUDA, the PyTorch reference elsewhere. Returns (out, lse).
+    ``window``: a sliding window of that many keys (keys t-w+1..t) on top of the lists."""
     if resolve_backend(q.device, backend) == "triton":
         from .kernels.block_sparse_prefill import block_sparse_attention_triton
-        return block_sparse_attention_triton(q, k, v, block_idx, block_cnt, block_size, sm_scale)
-    return block_sparse_attention_reference(q, k, v, block_idx, block_cnt, block_size, sm_scale)
+        return block_sparse_attention_triton(q, k, v, block_idx, block_cnt, block_size, sm_scale, window=window)
+    return block_sparse_attention_reference(q, k, v, block_idx, block_cnt, block_size, sm_scale, window=window)
+
+
+def window_block_lists(n: int, block_size: int, window: int, batch: int, h_kv: int,
+                       device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kept-block lists of a sliding-window layer: query block i keeps blocks
+    max(0, floor((i B - w + 1) / B)) .. i, every block that holds a key t-w+1..t of one of its queries
+    (the kernel masks the keys outside the window token by token). Returns block_idx
+    (batch, h_kv, n_b, max_kept) int32 ascending and block_cnt (batch, h_kv, n_b) int32, built on
+    ``device`` without a host sync."""
+    if window < 1:
+        raise ValueError(f"window {window} must be >= 1")
+    nb = num_blocks(n, block_size)
+    i = torch.arange(nb, device=device)
+    first = torch.clamp(torch.div(i * block_size - window + 1, block_size, rounding_mode="floor"), min=0)
+    cnt = (i - first + 1).to(torch.int32)
+    max_kept = min(nb, (window - 1 + block_size - 1) // block_size + 1) if nb else 1
+    idx = first.unsqueeze(-1) + torch.arange(max(max_kept, 1), device=device)
+    idx = torch.minimum(idx, i.unsqueeze(-1)).to(torch.int32)          # entries past a row's count: ignored
+    return (idx.expand(batch, h_kv, nb, idx.shape[-1]).contiguous(),
+            cnt.expand(batch, h_kv, nb).contiguous())
 
 
 def block_sparse_decode(q, k_cache, v_cache, block_idx, block_cnt, block_size: int,

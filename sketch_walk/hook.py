@@ -11,8 +11,10 @@ What runs, per attention call (query (B, H, q_len, d), key / value (B, H_kv, k_l
 * a layer that is not sparse (``selector.is_sparse_layer`` False, e.g. the first ``dense_layers``)
   -> transformers' SDPA attention (causal, GQA), exactly what ``attn_implementation="sdpa"`` runs;
 * a sliding-window layer (``module.sliding_window`` or a ``sliding_window`` argument set, as in
-  Gemma-3) -> the same SDPA call with the model's own sliding mask; it takes no part in selection
-  or the walk, and its density counts the keys inside its window;
+  Gemma-3) -> its own window, exactly: in prefill on the Triton backend through the block-sparse kernel
+  with :func:`sketch_walk.block_sparse.window_block_lists` and a token-level window mask, otherwise (CPU,
+  decode, a padded mask) the same SDPA call with the model's own sliding mask; it takes no part in
+  selection or the walk, and its density counts the keys inside its window;
 * a sparse layer, prefill (q_len == k_len) -> ``selector.select_prefill`` then
   :func:`sketch_walk.block_sparse.block_sparse_attention` (Triton on CUDA, PyTorch elsewhere);
 * a sparse layer, decode (q_len == 1 < k_len) -> dense SDPA when ``skip_decode``, else
@@ -33,7 +35,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .block_sparse import (attended_keys_decode, attended_pairs_prefill, block_sparse_attention,
-                           block_sparse_decode, causal_pairs, resolve_backend)
+                           block_sparse_decode, causal_pairs, resolve_backend, window_block_lists)
 from .errors import UsageError
 from .selector import BlockSelector
 
@@ -80,12 +82,16 @@ def _window_pairs(n: int, w: int) -> float:
     return w * (w + 1) / 2 + (n - w) * w
 
 
-def _is_plain_causal(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
-    """Whether a 4D attention mask (bool, or additive float) allows exactly the bottom-right causal pattern."""
+def _is_plain_causal(mask: torch.Tensor, q_len: int, k_len: int, window: Optional[int] = None) -> bool:
+    """Whether a 4D attention mask (bool, or additive float) allows exactly the bottom-right causal pattern
+    (with ``window``: only the keys t-w+1..t of query t, a sliding-window layer's pattern)."""
     allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     allowed = allowed[..., -q_len:, -k_len:]
     qpos = torch.arange(k_len - q_len, k_len, device=mask.device).unsqueeze(-1)
-    causal = torch.arange(k_len, device=mask.device) <= qpos
+    kpos = torch.arange(k_len, device=mask.device)
+    causal = kpos <= qpos
+    if window:
+        causal &= qpos - kpos < window
     return bool(torch.equal(allowed, causal.expand_as(allowed)))
 
 
@@ -232,6 +238,14 @@ class SparseAttentionSession:
         dense_decode = decode and self.skip_decode
         if not sparse or dense_decode:
             self._count_dense(layer, b * hkv, q_len, k_len, window)
+            if window and q_len == k_len and self._window_kernel(query, attention_mask, q_len, window, kwargs):
+                # the layer's own window through the block-sparse kernel: the same attention, without the
+                # L x L work that SDPA does under a materialised sliding mask
+                bs = self.selector.block_size
+                idx, cnt = window_block_lists(q_len, bs, window, b, hkv, device=query.device)
+                out, _ = block_sparse_attention(query, key, value, idx, cnt, bs, sm_scale=scaling,
+                                                backend=self.backend, window=window)
+                return out.transpose(1, 2).contiguous(), None
             out, _ = _sdpa_forward()(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
             return out, None
 
@@ -254,6 +268,13 @@ class SparseAttentionSession:
             out, _ = block_sparse_decode(query, key, value, idx, cnt, bs, sm_scale=scaling, backend=self.backend)
             self._add(self._dec, layer, attended_keys_decode(idx, cnt, k_len, bs).sum(), float(k_len * b * hkv))
         return out.transpose(1, 2).contiguous(), None
+
+    def _window_kernel(self, query, attention_mask, q_len: int, window: int, kwargs) -> bool:
+        """Whether a sliding-window layer's prefill goes through the Triton block-sparse kernel: on the Triton
+        backend only (the CPU keeps SDPA), without soft-capping, and with no mask beyond the window's own."""
+        if resolve_backend(query.device, self.backend) != "triton" or kwargs.get("softcap") is not None:
+            return False
+        return attention_mask is None or _is_plain_causal(attention_mask, q_len, q_len, window)
 
     def _count_dense(self, layer: int, units: int, q_len: int, k_len: int, window: Optional[int]) -> None:
         if q_len == k_len:

@@ -112,6 +112,31 @@ def test_full_budget_equals_dense(gemma_clean, monkeypatch, key_summary):
     assert sess.describe()["sliding_window_layers"] == SLIDING
 
 
+def test_sliding_layers_through_the_window_kernel_path(gemma_clean, monkeypatch):
+    """On the Triton backend a sliding layer's prefill goes through block_sparse_attention with the window's
+    lists (the kernel's window mask is checked against float64 in test_kernels.py); here the hook's side:
+    the routing, the lists, the scale and the layout give the dense logits. The backend decision is forced
+    to 'triton' and the attention run by the PyTorch reference with the same window."""
+    import sketch_walk.block_sparse as bsp
+    model, ids = gemma_clean, prompt(3)
+    ref_logits, ref_toks = greedy_run(model, ids, STEPS)
+    seen = []
+
+    def attention(q, k, v, idx, cnt, block_size, sm_scale=None, backend=None, window=None):
+        if window:
+            seen.append((q.shape[2], window, tuple(idx.shape)))
+        return bsp.block_sparse_attention(q, k, v, idx, cnt, block_size, sm_scale, backend="torch", window=window)
+
+    monkeypatch.setattr(hook_mod, "resolve_backend", lambda device, backend=None: "triton")
+    monkeypatch.setattr(hook_mod, "block_sparse_attention", attention)
+    enable_sketch_walk(model, SketchWalkConfig(block_size=BS, top_k_blocks=64), backend="torch")
+    logits, toks = greedy_run(model, ids, STEPS)
+    assert torch.allclose(logits, ref_logits, rtol=1e-4, atol=1e-4), float((logits - ref_logits).abs().max())
+    assert toks == ref_toks
+    # one prefill call per sliding layer (decode steps keep SDPA over the sliding cache)
+    assert seen == [(N, W, (1, 1, N // BS + 1, (W - 1 + BS - 1) // BS + 1))] * len(SLIDING)
+
+
 def test_density_report_per_layer_and_type(gemma_clean, monkeypatch):
     model, ids = gemma_clean, prompt(2)
     sess = enable_sketch_walk(model, SketchWalkConfig(block_size=BS, top_k_blocks=1, dense_layers=3),

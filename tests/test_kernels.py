@@ -51,6 +51,14 @@ PREFILL_CASES: List[Dict] = [
          cfg=dict(HPP=1, KPI=1)),
     dict(name="gqa4_hpp2_kpi4", b=1, h=8, hkv=2, n=200, d=64, bs=16, lists="random", dtype="float16",
          cfg=dict(HPP=2, KPI=4)),
+    # sliding-window layers (Gemma-3): window lists, token-level mask at the window's lower edge; with KPI 1
+    # a step holds one block, so rows whose whole step is outside the window occur (no NaN allowed)
+    dict(name="window_gemma_d256_hkv1", b=1, h=4, hkv=1, n=150, d=256, bs=16, lists="window", window=40,
+         dtype="float16"),
+    dict(name="window_33_batch2_kpi2", b=2, h=4, hkv=2, n=200, d=64, bs=16, lists="window", window=33,
+         dtype="float32"),
+    dict(name="window_32_kpi1", b=1, h=4, hkv=2, n=130, d=64, bs=16, lists="window", window=32, dtype="float32",
+         cfg=dict(HPP=1, KPI=1)),
 ]
 
 DECODE_CASES: List[Dict] = [
@@ -68,6 +76,8 @@ GPU_PREFILL_CASES: List[Dict] = [
     dict(name="llama_4k_topk16", b=1, h=32, hkv=8, n=4096 + 37, d=128, bs=64, lists="sparse_k", k=16,
          autotune=True),
     dict(name="llama_2k_full", b=2, h=32, hkv=8, n=2048, d=128, bs=64, lists="full", autotune=True),
+    dict(name="gemma_sliding_512_4k", b=1, h=4, hkv=1, n=4096 + 37, d=256, bs=64, lists="window", window=512,
+         autotune=True),
     dict(name="gemma_d256_3k", b=1, h=4, hkv=1, n=3000, d=256, bs=64, lists="sparse_k", k=8, autotune=True),
     dict(name="smollm_d64_2k", b=2, h=9, hkv=3, n=2000, d=64, bs=64, lists="random", autotune=True),
 ]
@@ -165,9 +175,14 @@ def run_prefill_case(case: Dict, device: str, dtype: torch.dtype, seed: int) -> 
         q = torch.randn(b, h, n, d, generator=gen)
     k = torch.randn(b, hkv, n, d, generator=gen)
     v = torch.randn(b, hkv, n, d, generator=gen)
-    idx, cnt = make_prefill_lists(b, hkv, nb, case["lists"], gen, case.get("k", 4))
+    window = case.get("window")
+    if case["lists"] == "window":
+        from sketch_walk.block_sparse import window_block_lists
+        idx, cnt = window_block_lists(n, bs, window, b, hkv)
+    else:
+        idx, cnt = make_prefill_lists(b, hkv, nb, case["lists"], gen, case.get("k", 4))
     q, k, v = (x.to(dtype) for x in (q, k, v))
-    ref_o, ref_l = block_sparse_attention_reference(q.double(), k.double(), v.double(), idx, cnt, bs)
+    ref_o, ref_l = block_sparse_attention_reference(q.double(), k.double(), v.double(), idx, cnt, bs, window=window)
     out = torch.full((b, h, n, d), float("nan"), dtype=dtype, device=device)
     lse = torch.full((b, h, n), float("nan"), dtype=torch.float32, device=device)
     t0 = time.time()
@@ -176,7 +191,7 @@ def run_prefill_case(case: Dict, device: str, dtype: torch.dtype, seed: int) -> 
         # one pinned config per small case keeps GPU compile time down; autotuned cases run every config
         cfg = dict(HPP=default_hpp(h // hkv, bs, d), KPI=2, num_warps=4, num_stages=2)
     block_sparse_attention_triton(q.to(device), k.to(device), v.to(device), idx.to(device), cnt.to(device), bs,
-                                  None, config=cfg, out=out, lse=lse)
+                                  None, config=cfg, out=out, lse=lse, window=window)
     if device == "cuda":
         torch.cuda.synchronize()
     secs = time.time() - t0
@@ -184,10 +199,14 @@ def run_prefill_case(case: Dict, device: str, dtype: torch.dtype, seed: int) -> 
     lse_err, pattern = _lse_check(lse, ref_l)
     res = dict(err=_rel(out.double(), ref_o), lse_err=lse_err, lse_pattern=pattern,
                written=not bool(torch.isnan(out).any()), secs=secs, seed=seed)
-    if case["lists"] == "full":            # every block kept == dense causal attention
+    if case["lists"] in ("full", "window"):   # every block kept == dense causal (sliding-window) attention
         r = h // hkv
+        t = torch.arange(n)
+        allowed = t.unsqueeze(0) <= t.unsqueeze(1)
+        if window:
+            allowed &= t.unsqueeze(1) - t.unsqueeze(0) < window
         dense = torch.nn.functional.scaled_dot_product_attention(
-            q.double(), k.double().repeat_interleave(r, 1), v.double().repeat_interleave(r, 1), is_causal=True)
+            q.double(), k.double().repeat_interleave(r, 1), v.double().repeat_interleave(r, 1), attn_mask=allowed)
         res["dense_err"] = _rel(out.double(), dense)
     return res
 

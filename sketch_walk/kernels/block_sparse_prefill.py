@@ -22,6 +22,7 @@ tile fits: Llama's r = 4 at B = 64 gives M = 256). It walks the kept list in thr
   2. a tail step when their count is not a multiple of KPI (columns of missing entries -> -inf);
   3. the diagonal block (when listed: it is the last entry), token-level causal mask, partial
      last block masked on load.
+With a sliding window w (HAS_WINDOW) every phase also masks keys s with t - s >= w, token by token.
 Online softmax in base 2 (exp2, scale * log2(e) folded into one FMA), fp32 accumulators.
 Grid axis 0 runs over (b, g, split) so the heaviest query blocks (the last ones, under causal
 density) of every head start first; axis 1 runs over query blocks in reverse.
@@ -45,11 +46,16 @@ _LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _online_step(acc, m_i, l_i, qk, v, qk_scale):
-    """One online-softmax update with raw scores qk (masked entries -inf), in base 2."""
+def _online_step(acc, m_i, l_i, qk, v, qk_scale, ROWS_MAY_BE_EMPTY: tl.constexpr = False):
+    """One online-softmax update with raw scores qk (masked entries -inf), in base 2.
+    ``ROWS_MAY_BE_EMPTY``: a row may have no visible key so far (sliding window): subtract 0 instead of
+    its -inf maximum, so that it stays 0 instead of NaN (-inf - -inf)."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    m_sub = m_new
+    if ROWS_MAY_BE_EMPTY:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_sub)
+    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)
@@ -67,6 +73,7 @@ def _block_sparse_prefill_kernel(
     stride_ib, stride_ih, stride_in,
     stride_cb, stride_ch,
     H_KV, N_CTX, N_BLOCKS,
+    WINDOW,                                # sliding window w: keys t-w+1..t only (when HAS_WINDOW)
     nb_key, kept_key,                      # autotune keys only (size buckets), unused
     GROUP: tl.constexpr,                   # r = H / H_kv
     HPP: tl.constexpr,                     # query heads packed per program
@@ -75,6 +82,7 @@ def _block_sparse_prefill_kernel(
     BLOCK_D: tl.constexpr,                 # next power of two >= HEAD_DIM
     BLOCK_M: tl.constexpr,                 # next power of two >= HPP * BLOCK_SIZE
     KPI: tl.constexpr,                     # kept blocks per step of phase 1
+    HAS_WINDOW: tl.constexpr,              # mask keys with t - s >= WINDOW in every phase
 ):
     N_SPLIT: tl.constexpr = (GROUP + HPP - 1) // HPP
     BLOCK_N: tl.constexpr = KPI * BLOCK_SIZE
@@ -124,7 +132,9 @@ def _block_sparse_prefill_kernel(
             k = tl.load(k_base + kpos[:, None] * stride_kn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
             v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k))
-        acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale)
+        if HAS_WINDOW:
+            qk = tl.where(qpos[:, None] - kpos[None, :] < WINDOW, qk, float("-inf"))
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale, HAS_WINDOW)
 
     # Phase 2: the remaining (< KPI) off-diagonal blocks.
     if KPI > 1:
@@ -138,7 +148,9 @@ def _block_sparse_prefill_kernel(
             v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :], mask=kmask, other=0.0)
             qk = tl.dot(q, tl.trans(k))
             qk = tl.where(ent_ok[None, :], qk, float("-inf"))
-            acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale)
+            if HAS_WINDOW:
+                qk = tl.where(qpos[:, None] - kpos[None, :] < WINDOW, qk, float("-inf"))
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale, HAS_WINDOW)
 
     # Phase 3: the diagonal block, token-level causal (also masks the partial last block).
     if has_diag:
@@ -149,7 +161,9 @@ def _block_sparse_prefill_kernel(
         v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :], mask=kmask, other=0.0)
         qk = tl.dot(q, tl.trans(k))
         qk = tl.where(kpos[None, :] <= qpos[:, None], qk, float("-inf"))
-        acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale)
+        if HAS_WINDOW:
+            qk = tl.where(qpos[:, None] - kpos[None, :] < WINDOW, qk, float("-inf"))
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale, HAS_WINDOW)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -237,8 +251,12 @@ def _parse_config_env() -> Optional[dict]:
 def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                                   block_cnt: torch.Tensor, block_size: int, sm_scale: Optional[float] = None,
                                   config: Optional[dict] = None, out: Optional[torch.Tensor] = None,
-                                  lse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                                  lse: Optional[torch.Tensor] = None,
+                                  window: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse prefill attention (module docstring). Returns (out in q's dtype, lse fp32 natural log).
+
+    ``window`` w (a sliding-window layer, e.g. Gemma-3's 512): query t sees only keys t-w+1..t of its
+    listed blocks (:func:`sketch_walk.block_sparse.window_block_lists` lists exactly the blocks needed).
 
     ``out`` (B, H, n, d) in q's dtype (last stride 1) and ``lse`` (B, H, n) fp32 contiguous, when
     given, are written in place (tests poison them first; callers may reuse buffers).
@@ -284,8 +302,10 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             out.stride(0), out.stride(1), out.stride(2),
             block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
             block_cnt.stride(0), block_cnt.stride(1),
-            h_kv, n, nb, pow2(nb), pow2(max_kept))
-    meta = dict(GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_D=bd)
+            h_kv, n, nb, int(window or 0), pow2(nb), pow2(max_kept))
+    if window is not None and window < 1:
+        raise ValueError(f"window {window} must be >= 1")
+    meta = dict(GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_D=bd, HAS_WINDOW=bool(window))
 
     pinned = config or _parse_config_env()
     if pinned is None and _interpret():
