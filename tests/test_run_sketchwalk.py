@@ -292,7 +292,8 @@ def test_gemma3_configs(tmp_path, capsys):
     [prep] = [c for c in e2e if script_of(c) == "prepare.py"]
     assert prep_args(prep) == same[("niah_single_1", "32768")] and flag(prep, "--num_samples") == "10"
     preds = [c for c in e2e if script_of(c) == "call_api.py"]
-    assert [flag(c, "--server_type") for c in preds] == ["hf", "SketchWalk"]
+    assert [flag(c, "--server_type") for c in preds] == ["hf", "SketchWalk", "SketchWalk"]
+    assert flag(preds[1], "--selector") == "local" and int(flag(preds[1], "--top_k_blocks")) >= 32768 // 64
     assert all(flag(c, "--max_new_tokens") == "64" and flag(c, "--batch_size") == "1" for c in preds)
 
 
