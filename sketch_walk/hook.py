@@ -82,17 +82,24 @@ def _window_pairs(n: int, w: int) -> float:
     return w * (w + 1) / 2 + (n - w) * w
 
 
-def _is_plain_causal(mask: torch.Tensor, q_len: int, k_len: int, window: Optional[int] = None) -> bool:
+def _is_plain_causal(mask: torch.Tensor, q_len: int, k_len: int, window: Optional[int] = None,
+                     rows_per_chunk: int = 2048) -> bool:
     """Whether a 4D attention mask (bool, or additive float) allows exactly the bottom-right causal pattern
-    (with ``window``: only the keys t-w+1..t of query t, a sliding-window layer's pattern)."""
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    allowed = allowed[..., -q_len:, -k_len:]
-    qpos = torch.arange(k_len - q_len, k_len, device=mask.device).unsqueeze(-1)
+    (with ``window``: only the keys t-w+1..t of query t, a sliding-window layer's pattern). Compared in
+    chunks of query rows, so the check's temporaries stay at rows_per_chunk x k_len (a 32K-token prompt's
+    whole pattern would be 1 GiB of bools)."""
+    mask = mask[..., -q_len:, -k_len:]
     kpos = torch.arange(k_len, device=mask.device)
-    causal = kpos <= qpos
-    if window:
-        causal &= qpos - kpos < window
-    return bool(torch.equal(allowed, causal.expand_as(allowed)))
+    for r0 in range(0, q_len, rows_per_chunk):
+        part = mask[..., r0:r0 + rows_per_chunk, :]
+        allowed = part if part.dtype == torch.bool else part > torch.finfo(part.dtype).min / 2
+        qpos = torch.arange(k_len - q_len + r0, k_len - q_len + r0 + part.shape[-2], device=mask.device).unsqueeze(-1)
+        pattern = kpos <= qpos
+        if window:
+            pattern &= kpos > qpos - window
+        if not torch.equal(allowed, pattern.expand_as(allowed)):
+            return False
+    return True
 
 
 class SparseAttentionSession:

@@ -137,6 +137,22 @@ def test_sliding_layers_through_the_window_kernel_path(gemma_clean, monkeypatch)
     assert seen == [(N, W, (1, 1, N // BS + 1, (W - 1 + BS - 1) // BS + 1))] * len(SLIDING)
 
 
+def test_mask_pattern_check_in_row_chunks():
+    """hook._is_plain_causal: causal and sliding-window patterns (bool and additive float masks) are
+    recognised whatever the chunking, and a padded or wrong-window mask is not."""
+    t = torch.arange(130)
+    causal = t[None, :] <= t[:, None]
+    sliding = causal & (t[:, None] - t[None, :] < 24)
+    for rows in (7, 64, 4096):
+        check = lambda m, w=None: hook_mod._is_plain_causal(m[None, None], 130, 130, w, rows_per_chunk=rows)  # noqa: E731
+        assert check(causal) and check(sliding, 24)
+        assert check(torch.where(sliding, 0.0, torch.finfo(torch.float32).min), 24)
+        assert not check(causal, 24) and not check(sliding) and not check(sliding, 25)
+        padded = causal.clone()
+        padded[:, :2] = False
+        assert not check(padded)
+
+
 def test_density_report_per_layer_and_type(gemma_clean, monkeypatch):
     model, ids = gemma_clean, prompt(2)
     sess = enable_sketch_walk(model, SketchWalkConfig(block_size=BS, top_k_blocks=1, dense_layers=3),
