@@ -296,6 +296,17 @@ def test_bad_input_exit_2_nothing_written(case, tmp_path, capsys):
     assert named in err[-1]
 
 
+def test_bad_select_dot_env_is_a_usage_error_before_loading(tmp_path, capsys, monkeypatch):
+    make_niah_data(tmp_path / "data", n=1, repeats=1)
+    monkeypatch.setenv("SKETCH_WALK_SELECT_DOT", "bf16")
+    with pytest.raises(SystemExit) as exc:
+        call_api.main([str(a) for a in _api(tmp_path, "smollm2") + ["--server_type", "SketchWalk"]])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "SKETCH_WALK_SELECT_DOT" in err[-1]
+    assert not (tmp_path / "pred").exists()
+
+
 def test_bad_input_cli_one_line(tmp_path):
     res = run_cli("call_api.py", "--data_dir", tmp_path / "nothing", "--save_dir", tmp_path / "pred",
                   "--task", "niah_single_1")

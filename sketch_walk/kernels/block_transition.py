@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import UsageError
 from ._launch import pow2
 
 _LOG2E = 1.4426950408889634
@@ -215,6 +216,10 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+class DotPrecisionError(UsageError, ValueError):
+    """A bad SKETCH_WALK_SELECT_DOT: a usage error for the scripts (one line, exit 2), a ValueError for callers."""
+
+
 # From this many key blocks on (96K tokens at block 64), "auto" takes fp16 operands. Measured on the H100
 # (benchmarks/results/attention_speed_NVIDIA_H100_80GB_HBM3.json, transition vs transition@tf32, Llama-3.1-8B
 # geometry): 128K 0.43 ms fp16 vs 0.65 TF32; 64K 0.18-0.29 vs 0.19; 8K-32K 0.16-0.21 vs 0.06-0.07, where the
@@ -227,7 +232,8 @@ def dot_precision(n_blocks: Optional[int] = None) -> str:
     :data:`FP16_MIN_BLOCKS` key blocks on, TF32 below (and when ``n_blocks`` is not given)."""
     p = os.environ.get("SKETCH_WALK_SELECT_DOT", "auto")
     if p not in DOT_PRECISIONS + ("auto",):
-        raise ValueError(f"SKETCH_WALK_SELECT_DOT={p!r}: choose auto or one of {', '.join(DOT_PRECISIONS)}")
+        raise DotPrecisionError(f"environment variable SKETCH_WALK_SELECT_DOT={p!r}: set it to auto or one of "
+                                f"{', '.join(DOT_PRECISIONS)}, or unset it")
     if p == "auto":
         return "fp16" if n_blocks is not None and n_blocks >= FP16_MIN_BLOCKS else "tf32"
     return p

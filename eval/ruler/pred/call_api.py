@@ -424,6 +424,9 @@ def plan_run(args: argparse.Namespace, limit: Optional[int] = None, base_model: 
             raise UsageError(f"--{name} {getattr(args, name)}: must be {rule}")
     if limit is not None and limit < 1:
         raise UsageError(f"--num_samples {limit}: must be >= 1")
+    if server_type != "hf":       # checked now, not after the model has loaded
+        from sketch_walk.kernels.block_transition import dot_precision
+        dot_precision()
 
     ignored = []
     if server_type != "SketchWalk":
