@@ -371,6 +371,13 @@ def prefill_rows(n: int, top_ks, sweep: bool, res: dict, quick: bool) -> None:
                     return block_sparse_attention_triton(q, k, v, i2, c2, BS, None)
                 t["sketchwalk_ms"] = bench_ms(f_sw)
                 t["sketchwalk_peak_mb"] = peak_mb(f_sw)
+                if n <= 32768:
+                    # the selection's launch cost dominates at these lengths (~0.5 ms of host time against
+                    # 0.2-0.35 ms of GPU work): the same calls replayed from a CUDA graph give the host-free time
+                    t["select_graph_ms"], t["select_graph_ok"] = graph_step_ms(f_sel, n_steps=5)
+                    t["sketchwalk_graph_ms"], t["sketchwalk_graph_ok"] = graph_step_ms(f_sw, n_steps=5)
+                    print(f"[{n}] top_k {tk}: as CUDA-graph replays: select {t['select_graph_ms']:.3f} ms, "
+                          f"sketchwalk {t['sketchwalk_graph_ms']:.3f} ms", flush=True)
                 del sel
             print(f"[{n}] top_k {tk}: density {t['density']:.4f} ours {t['ours_ms']:.3f} ms "
                   f"flex {t.get('flex_ms', float('nan')):.3f} ms select {t.get('select_ms', float('nan')):.3f} ms "
