@@ -30,6 +30,7 @@ kernel got: attended (query, key) pairs / causal pairs, per layer, dense layers 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -278,7 +279,10 @@ class SparseAttentionSession:
 
     def _window_kernel(self, query, attention_mask, q_len: int, window: int, kwargs) -> bool:
         """Whether a sliding-window layer's prefill goes through the Triton block-sparse kernel: on the Triton
-        backend only (the CPU keeps SDPA), without soft-capping, and with no mask beyond the window's own."""
+        backend only (the CPU keeps SDPA), without soft-capping, and with no mask beyond the window's own.
+        SKETCH_WALK_WINDOW_KERNEL=0 keeps SDPA for these layers everywhere."""
+        if os.environ.get("SKETCH_WALK_WINDOW_KERNEL", "1") == "0":
+            return False
         if resolve_backend(query.device, self.backend) != "triton" or kwargs.get("softcap") is not None:
             return False
         return attention_mask is None or _is_plain_causal(attention_mask, q_len, q_len, window)

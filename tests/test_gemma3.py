@@ -135,6 +135,11 @@ def test_sliding_layers_through_the_window_kernel_path(gemma_clean, monkeypatch)
     assert toks == ref_toks
     # one prefill call per sliding layer (decode steps keep SDPA over the sliding cache)
     assert seen == [(N, W, (1, 1, N // BS + 1, (W - 1 + BS - 1) // BS + 1))] * len(SLIDING)
+    # the switch back to SDPA for sliding layers
+    seen.clear()
+    monkeypatch.setenv("SKETCH_WALK_WINDOW_KERNEL", "0")
+    logits, _ = greedy_run(model, ids, 1)
+    assert seen == [] and torch.allclose(logits, ref_logits[:N + 1], rtol=1e-4, atol=1e-4)
 
 
 def test_mask_pattern_check_in_row_chunks():
