@@ -124,6 +124,7 @@ class SparseAttentionSession:
         self.first_layer = self.layer_ids[0]
         self.previous_implementation = getattr(model.config, "_attn_implementation", None)
         self._seq_len = 0
+        self._per_forward: Dict[tuple, Any] = {}
         self.reset()
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -231,6 +232,8 @@ class SparseAttentionSession:
         b, h, q_len, d = query.shape
         hkv, k_len = key.shape[1], key.shape[2]
         if layer == self.first_layer:
+            # masks and window lists are the same for every layer of one forward pass: computed once
+            self._per_forward: Dict[tuple, Any] = {}
             if q_len == k_len:                             # a new prompt
                 self.selector.reset(b)
                 self._seq_len = q_len
@@ -250,7 +253,8 @@ class SparseAttentionSession:
                 # the layer's own window through the block-sparse kernel: the same attention, without the
                 # L x L work that SDPA does under a materialised sliding mask
                 bs = self.selector.block_size
-                idx, cnt = window_block_lists(q_len, bs, window, b, hkv, device=query.device)
+                idx, cnt = self._once(("window_lists", q_len, bs, window, b, hkv),
+                                      lambda: window_block_lists(q_len, bs, window, b, hkv, device=query.device))
                 out, _ = block_sparse_attention(query, key, value, idx, cnt, bs, sm_scale=scaling,
                                                 backend=self.backend, window=window)
                 return out.transpose(1, 2).contiguous(), None
@@ -262,7 +266,7 @@ class SparseAttentionSession:
                              f"prefill or a reused prompt cache is not supported; pass the whole prompt at once")
         if kwargs.get("softcap") is not None:
             raise UsageError(f"sparse attention (layer {layer}): attention logit soft-capping is not supported")
-        if attention_mask is not None and not _is_plain_causal(attention_mask, q_len, k_len):
+        if attention_mask is not None and not self._mask_is_causal(attention_mask, q_len, k_len):
             raise UsageError("sparse attention does not support padded batches (or custom attention masks): run "
                              "prompts one at a time, or batch prompts of equal length without padding")
         bs = self.selector.block_size
@@ -285,7 +289,18 @@ class SparseAttentionSession:
             return False
         if resolve_backend(query.device, self.backend) != "triton" or kwargs.get("softcap") is not None:
             return False
-        return attention_mask is None or _is_plain_causal(attention_mask, q_len, q_len, window)
+        return attention_mask is None or self._mask_is_causal(attention_mask, q_len, q_len, window)
+
+    def _once(self, key: tuple, make):
+        """``make()`` once per forward pass and key (every layer of a pass sees the same masks and shapes)."""
+        if key not in self._per_forward:
+            self._per_forward[key] = make()
+        return self._per_forward[key]
+
+    def _mask_is_causal(self, mask: torch.Tensor, q_len: int, k_len: int, window: Optional[int] = None) -> bool:
+        """:func:`_is_plain_causal` of this pass's mask, checked once per pass (a 32K prompt's mask is 1 GiB)."""
+        key = ("causal", mask.data_ptr(), tuple(mask.shape), mask.dtype, q_len, k_len, window)
+        return self._once(key, lambda: _is_plain_causal(mask, q_len, k_len, window))
 
     def _count_dense(self, layer: int, units: int, q_len: int, k_len: int, window: Optional[int]) -> None:
         if q_len == k_len:
