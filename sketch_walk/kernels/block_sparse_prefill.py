@@ -46,16 +46,13 @@ _LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _online_step(acc, m_i, l_i, qk, v, qk_scale, ROWS_MAY_BE_EMPTY: tl.constexpr = False):
+def _online_step(acc, m_i, l_i, qk, v, qk_scale):
     """One online-softmax update with raw scores qk (masked entries -inf), in base 2.
-    ``ROWS_MAY_BE_EMPTY``: a row may have no visible key so far (sliding window): subtract 0 instead of
-    its -inf maximum, so that it stays 0 instead of NaN (-inf - -inf)."""
+    The running maximum m_i starts at a finite -1e30, not -inf: a row with no visible key so far
+    (a sliding window's first block) keeps m_i finite, so its exp2(-inf - m_i) is 0, never NaN."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    m_sub = m_new
-    if ROWS_MAY_BE_EMPTY:
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_sub)
-    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)
@@ -112,7 +109,8 @@ def _block_sparse_prefill_kernel(
     has_diag = (cnt > 0) & (last == qblk)
     n_off = cnt - has_diag.to(tl.int32)                     # off-diagonal entries
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # finite start: see _online_step
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -134,7 +132,7 @@ def _block_sparse_prefill_kernel(
         qk = tl.dot(q, tl.trans(k))
         if HAS_WINDOW:
             qk = tl.where(qpos[:, None] - kpos[None, :] < WINDOW, qk, float("-inf"))
-        acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale, HAS_WINDOW)
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale)
 
     # Phase 2: the remaining (< KPI) off-diagonal blocks.
     if KPI > 1:
@@ -150,7 +148,7 @@ def _block_sparse_prefill_kernel(
             qk = tl.where(ent_ok[None, :], qk, float("-inf"))
             if HAS_WINDOW:
                 qk = tl.where(qpos[:, None] - kpos[None, :] < WINDOW, qk, float("-inf"))
-            acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale, HAS_WINDOW)
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale)
 
     # Phase 3: the diagonal block, token-level causal (also masks the partial last block).
     if has_diag:
@@ -163,7 +161,7 @@ def _block_sparse_prefill_kernel(
         qk = tl.where(kpos[None, :] <= qpos[:, None], qk, float("-inf"))
         if HAS_WINDOW:
             qk = tl.where(qpos[:, None] - kpos[None, :] < WINDOW, qk, float("-inf"))
-        acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale, HAS_WINDOW)
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -196,8 +194,9 @@ def default_hpp(group: int, block_size: int, head_dim: int, budget: int = _M_BUD
     return 1
 
 
-def candidate_configs(group: int, block_size: int, head_dim: int) -> list:
-    """The GPU autotune space: (HPP, KPI, num_warps, num_stages) variants for this geometry."""
+def candidate_configs(group: int, block_size: int, head_dim: int, windowed: bool = False) -> list:
+    """The GPU autotune space: (HPP, KPI, num_warps, num_stages) variants for this geometry
+    (``windowed``: num_stages 1 only, see :data:`WINDOW_NUM_STAGES`)."""
     bd = max(16, pow2(head_dim))
     hpp_full = default_hpp(group, block_size, head_dim)
     hpp_half = default_hpp(group, block_size, head_dim, budget=_M_BUDGET // 2)
@@ -211,6 +210,10 @@ def candidate_configs(group: int, block_size: int, head_dim: int) -> list:
         # keep the S tile (M x KPI*B fp32) plus the accumulator within ~256 registers a thread
         if (m * kpi * block_size + m * bd) > 2 * 128 * 32 * w:
             return
+        if windowed:
+            s = WINDOW_NUM_STAGES
+            if (hpp, kpi, w, s) in seen:
+                return
         seen.add((hpp, kpi, w, s))
         cfgs.append(triton.Config({"HPP": hpp, "KPI": kpi, "BLOCK_M": m}, num_warps=w, num_stages=s))
 
@@ -224,13 +227,20 @@ def candidate_configs(group: int, block_size: int, head_dim: int) -> list:
     return cfgs
 
 
-_tuned: Dict[Tuple[int, int, int], object] = {}
+# With a sliding window the key loop runs unpipelined. Measured on an H100 (Triton 3.6): with
+# num_stages >= 2 the windowed kernel returned wrong rows (8-15 of every 16-row block, relative error
+# 0.05-0.36) whenever a row of the tile saw no key of its first listed block (w a multiple of the
+# block size: 16, 32, 48, Gemma's 512 at block 64), for every HPP/KPI/num_warps tried; num_stages 1
+# was right, as was the interpreter. A finite running-max start did not change it.
+WINDOW_NUM_STAGES = 1
+
+_tuned: Dict[Tuple[int, int, int, bool], object] = {}
 
 
-def _tuned_kernel(group: int, block_size: int, head_dim: int):
-    key = (group, block_size, head_dim)
+def _tuned_kernel(group: int, block_size: int, head_dim: int, windowed: bool):
+    key = (group, block_size, head_dim, windowed)
     if key not in _tuned:
-        _tuned[key] = triton.autotune(configs=candidate_configs(group, block_size, head_dim),
+        _tuned[key] = triton.autotune(configs=candidate_configs(group, block_size, head_dim, windowed),
                                       key=["nb_key", "kept_key", "GROUP", "BLOCK_SIZE", "HEAD_DIM"])(
             _block_sparse_prefill_kernel)
     return _tuned[key]
@@ -315,11 +325,12 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         grid = (b * h_kv * triton.cdiv(group, hpp), nb)
         _block_sparse_prefill_kernel[grid](*args, **meta, HPP=hpp, KPI=kpi, BLOCK_M=pow2(hpp * block_size),
                                            num_warps=int(pinned.get("num_warps", 4)),
-                                           num_stages=int(pinned.get("num_stages", 2)))
+                                           num_stages=WINDOW_NUM_STAGES if window else
+                                           int(pinned.get("num_stages", 2)))
         return out, lse
 
     def grid(META):
         return (b * h_kv * triton.cdiv(group, META["HPP"]), nb)
 
-    _tuned_kernel(group, block_size, d)[grid](*args, **meta)
+    _tuned_kernel(group, block_size, d, bool(window))[grid](*args, **meta)
     return out, lse
