@@ -37,7 +37,7 @@ import triton.language as tl
 from ._launch import check_block_size, pow2, unit_stride
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_CTX", "N_BLOCKS"])
 def _block_pool_kernel(
     Q, K, QBar, KA, KB, Counts,
     stride_qb, stride_qh, stride_qn,

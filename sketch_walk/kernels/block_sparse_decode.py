@@ -33,7 +33,7 @@ from ._launch import check_block_size, int32_lists, pow2, unit_stride
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_KEYS", "BPS", "NUM_SPLITS"])
 def _decode_split_kernel(
     Q, K, V, Opart, Lpart, BlockIdx, BlockCnt,
     qk_scale,
@@ -97,7 +97,7 @@ def _decode_split_kernel(
     tl.store(Lpart + row * NUM_SPLITS + pid_s, lse2, mask=h_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _decode_reduce_kernel(
     Opart, Lpart, Out, Lse,
     stride_ob, stride_oh, H,

@@ -59,7 +59,7 @@ def _online_step(acc, m_i, l_i, qk, v, qk_scale):
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["nb_key", "kept_key"])
+@triton.jit(do_not_specialize=["N_CTX", "N_BLOCKS", "nb_key", "kept_key"])
 def _block_sparse_prefill_kernel(
     Q, K, V, Out, Lse, BlockIdx, BlockCnt,
     qk_scale,

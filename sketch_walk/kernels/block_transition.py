@@ -94,7 +94,7 @@ def _score_chunk(acc, QP, KA, KB, q_off, k_off, rows, row_ok, cols, kk, stride_q
     return acc
 
 
-@triton.jit(do_not_specialize=["nb_key"])
+@triton.jit(do_not_specialize=["N_BLOCKS", "nb_key"])
 def _transition_stats_kernel(
     QP, KA, KB, Lse,
     qk_scale,
@@ -147,7 +147,7 @@ def _transition_stats_kernel(
     tl.store(Lse + bh.to(tl.int64) * N_BLOCKS + rows, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["nb_key"])
+@triton.jit(do_not_specialize=["N_BLOCKS", "nb_key"])
 def _transition_mean_kernel(
     QP, KA, KB, Lse, Out,
     qk_scale, inv_heads,

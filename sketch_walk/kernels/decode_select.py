@@ -63,7 +63,7 @@ def _score_tile(
     pid, Q, stride_qb, stride_qh, KA, KB, stride_kb, stride_kh, stride_kn, KNEW, stride_nb, stride_nh, COUNTS,
     S, TMAX, TSUM, scale, NB, H_KV, T,
     GROUP: tl.constexpr, BLOCK_R: tl.constexpr, DQ: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, MINMAX: tl.constexpr, FOLD: tl.constexpr, NEW_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, MINMAX: tl.constexpr, FOLD: tl.constexpr, NEW_BLOCK,
 ):
     """Scores of the r query heads of key head g against a tile of BLOCK_N blocks (+ the fold of block NB-1)."""
     t = pid % T
@@ -90,7 +90,7 @@ def _score_tile(
             if FOLD:
                 kn = tl.load(KNEW + b * stride_nb + g * stride_nh + offs_d, mask=d_ok, other=0.0)
                 kn = kn.to(tl.float32)[None, :]
-                if NEW_BLOCK:                                     # the block opens with this key
+                if NEW_BLOCK != 0:                                # the block opens with this key
                     ka = tl.where(is_cur[:, None], kn, ka)
                     kb = tl.where(is_cur[:, None], kn, kb)
                 else:
@@ -115,7 +115,7 @@ def _score_tile(
     if FOLD:
         if (bg == 0) & (t == (NB - 1) // BLOCK_N):
             c = tl.load(COUNTS + NB - 1)
-            if NEW_BLOCK:
+            if NEW_BLOCK != 0:
                 c = c * 0.0
             tl.store(COUNTS + NB - 1, c + 1.0)
 
@@ -148,7 +148,7 @@ def _hop_tile(
     tl.store(HP + (bgw * R + it) * NB + offs_j, acc, mask=j_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "N_HOP", "T", "R", "TJ", "NEW_BLOCK"])
 def _scores_hop_kernel(
     Q, stride_qb, stride_qh,
     KA, KB, stride_kb, stride_kh, stride_kn,
@@ -160,7 +160,7 @@ def _scores_hop_kernel(
     HP,
     scale, NB, H_KV, N_HOP, T, R, TJ, G_W,
     GROUP: tl.constexpr, BLOCK_R: tl.constexpr, DQ: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, MINMAX: tl.constexpr, FOLD: tl.constexpr, NEW_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, MINMAX: tl.constexpr, FOLD: tl.constexpr, NEW_BLOCK,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, SUB_I: tl.constexpr,
 ):
     # the hop programs (fewer, longer) come first so that they start first; the score programs fill in
@@ -174,7 +174,7 @@ def _scores_hop_kernel(
                   BLOCK_I, BLOCK_J, SUB_I)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "T", "R"])
 def _head_mean_kernel(
     S, TMAX, TSUM, HP, A, HOP,
     NB, T, R, H, G_W,
@@ -215,7 +215,7 @@ def _head_mean_kernel(
         tl.store(HOP + bgw * NB + offs_j, hop, mask=j_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB"])
 def _final_kernel(
     A, HOP, RPREV, stride_rb, WC, stride_wb, stride_wg, stride_wi, ROUT, IDX, CNT,
     NB, G_W, H_KV, s_exp, beta,
@@ -379,7 +379,7 @@ def decode_select_triton(q: torch.Tensor, summ_a: torch.Tensor, summ_b: Optional
         hp,
         float(scale), nb, hkv, n_hop, T, R, TJ, g_w,
         GROUP=group, BLOCK_R=pow2(group), DQ=dq, BLOCK_D=min(cfg["BLOCK_D"], pow2(dq)), BLOCK_N=bn,
-        MINMAX=minmax, FOLD=fold, NEW_BLOCK=bool(new_block) and fold, BLOCK_I=bi, BLOCK_J=bj, SUB_I=cfg["SUB_I"],
+        MINMAX=minmax, FOLD=fold, NEW_BLOCK=int(bool(new_block) and fold), BLOCK_I=bi, BLOCK_J=bj, SUB_I=cfg["SUB_I"],
         num_warps=cfg["num_warps"])
     bj2 = cfg["BLOCK_J2"]
     _head_mean_kernel[(triton.cdiv(nb, bj2), bsz * g_w)](

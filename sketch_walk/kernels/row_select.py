@@ -33,7 +33,7 @@ from ._launch import pow2
 ITERATIVE_MAX_K = 32                  # top_k up to this: TOP_K max-reductions; above: 31-step bisection
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_BLOCKS", "MAX_KEPT", "DENSE_FROM"])
 def _row_select_kernel(
     X, Out, Idx, Cnt,
     s_exp,

@@ -25,7 +25,7 @@ import triton.language as tl
 from ._launch import pow2
 
 
-@triton.jit(do_not_specialize=["nb_key"])
+@triton.jit(do_not_specialize=["N_BLOCKS", "nb_key"])
 def _walk_step_kernel(
     R, W, C,
     beta,
