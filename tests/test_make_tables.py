@@ -68,6 +68,9 @@ def test_gemma_like_root(tmp_path, capsys):
     assert "End to end, niah_single_1 @ 32K, one process alone, batch 1 (n = 2)" in out
     assert "| dense | 0.400 | 1.280 | 64.0 | 20.0 | 1.680 | - | 1.000 | 100 |" in out
     assert "| SketchWalk, default (minmax, walk 0.25, top_k 16) | 0.300 | 1.600 | 64.0 | 25.0 | 1.900 | 0.88x |" in out
+    assert "The same, medians per sample" in out
+    assert "| dense | 0.400 | 1.280 | 20.0 | 1.680 | - | 1.680 |" in out
+    assert "| SketchWalk, default (minmax, walk 0.25, top_k 16) | 0.300 | 1.600 | 25.0 | 1.900 | 0.88x | 1.900 |" in out
 
 
 def test_root_without_stage1_is_a_usage_error(tmp_path, capsys):

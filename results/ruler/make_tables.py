@@ -237,6 +237,42 @@ def e2e_table():
             print(f"| {LABELS.get(m, m)} | {r['prefill_s']:.3f} | {r['decode_s']:.3f} | {r['new_tokens']:.1f} | "
                   f"{ms:.1f} | {r['total_s']:.3f} | {'-' if speed is None else f'{speed:.2f}x'} | "
                   f"{r['density_prefill']:.3f} | {r['score']:.0f} |")
+        e2e_median_table(cell, list(runs))
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def e2e_median_table(cell, methods):
+    """Medians per sample beside the means: a run's first sample carries one-time costs (Triton compiles
+    the variants its warm-up did not meet, the allocator grows to the longest prompt so far)."""
+    path = "e2e_32k/comparison/samples.jsonl"
+    if not exists(path):
+        return
+    per = {m: [] for m in methods}
+    with open(path_of(path)) as fh:
+        for line in fh:
+            r = json.loads(line)
+            if r["run"] in per and r["task"] == cell["task"] and str(r["length"]) == str(cell["length"]):
+                per[r["run"]].append(r)
+    if not all(per.values()):
+        return
+    print("\nThe same, medians per sample (first: the run's first sample, total s)\n")
+    print("| method | prefill s | decode s | ms / decode token | total s | speedup vs dense | first |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    base = None
+    for m in methods:
+        rs = sorted(per[m], key=lambda r: r["index"])
+        pre, dec = _median([r["prefill_s"] for r in rs]), _median([r["decode_s"] for r in rs])
+        tot = _median([r["prefill_s"] + r["decode_s"] for r in rs])
+        tok = _median([1000 * r["decode_s"] / r["new_tokens"] for r in rs if r.get("new_tokens")] or [float("nan")])
+        base = tot if base is None else base
+        speed = "-" if m == methods[0] else f"{base / tot:.2f}x"
+        print(f"| {LABELS.get(m, m)} | {pre:.3f} | {dec:.3f} | {tok:.1f} | {tot:.3f} | {speed} | "
+              f"{rs[0]['prefill_s'] + rs[0]['decode_s']:.3f} |")
 
 
 def main(argv=None):
