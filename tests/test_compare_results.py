@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import gzip
 import json
 import math
 import subprocess
@@ -128,14 +129,14 @@ def test_report_math(tmp_path):
     assert s["by_depth"]["70"] == {"n": 1, "acc_all": 0.0} and d["by_depth"]["90"]["acc_all"] == 0.0
     assert res["summary"]["sketchwalk"]["speedup_total"] == pytest.approx(2.0)
     # outputs
-    for f in ("comparison_report.md", "comparison.json", "samples.jsonl", "time_per_sample.png",
+    for f in ("comparison_report.md", "comparison.json", "samples.jsonl.gz", "time_per_sample.png",
               "accuracy_vs_density_niah_single_1.png", "accuracy_vs_density_mean.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     assert (out / "time_per_sample.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "comparison_report.md").read_text()
     assert "80.0 [37.6, 96.4] W" in report and "2.00x" in report and "-20.0" in report
     assert "Wilson" in report
-    samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(l) for l in gzip.decompress((out / "samples.jsonl.gz").read_bytes()).decode().splitlines()]
     assert len(samples) == 10 and all("input" not in r for r in samples)
     assert json.loads((out / "comparison.json").read_text())["cells"][0]["n"] == 5
 

@@ -32,7 +32,7 @@ Layout under ``root_dir`` (``pred/`` is git-ignored: everything that holds promp
     {root}/pred/_data/{length}/{task}/.prepare_stamp.json
     {root}/pred/{method}/{length}/{task}.jsonl          call_api.py --save_dir {root}/pred/{method}/{length}
     {root}/pred/{method}/{length}/summary*.csv          evaluate.py --data_dir (same folder)
-    {root}/{comparison}/comparison_report.md, comparison.json, samples.jsonl, *.png
+    {root}/{comparison}/comparison_report.md, comparison.json, samples.jsonl.gz, *.png
     {root}/sweep_log.jsonl
 
 Config (yaml; every key optional except methods; flags override)::

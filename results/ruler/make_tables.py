@@ -15,6 +15,7 @@ whose samples are the same as stage 2's: checked here by (task, length, index, s
 Models whose layers differ (Gemma-3) also get the prefill density per layer type.
 """
 import argparse
+import gzip
 import json
 import os
 
@@ -31,6 +32,8 @@ LABELS = {
     "seerattn": "SeerAttn, threshold for SketchWalk's density",
     "oracle": "oracle (exact block mass, same budget)",
     "local": "local (sink + recent blocks, same budget)",
+    "kernels_full_budget": "every block kept, through our kernels",
+    "sketchwalk_dlb1_skip_decode": "SketchWalk, --dense_last_blocks 1 --skip_decode",
 }
 
 
@@ -42,19 +45,30 @@ def exists(path):
     return os.path.isfile(path_of(path))
 
 
+def samples_path(folder):
+    """``folder``/samples.jsonl.gz, or the plain samples.jsonl of results written before it was compressed."""
+    gz = f"{folder}/samples.jsonl.gz"
+    return gz if exists(gz) or not exists(f"{folder}/samples.jsonl") else f"{folder}/samples.jsonl"
+
+
 def load(path):
     with open(path_of(path)) as fh:
         return json.load(fh)
 
 
-def sample_keys(path, run):
-    keys = {}
-    with open(path_of(path)) as fh:
+def sample_records(path):
+    """The records of a comparison's samples.jsonl.gz (or of an older, plain samples.jsonl)."""
+    full = path_of(path)
+    opener = gzip.open if full.endswith(".gz") else open
+    with opener(full, "rt", encoding="utf-8") as fh:
         for line in fh:
-            r = json.loads(line)
-            if r["run"] == run:
-                keys[(r["task"], str(r["length"]), r["index"])] = r["input_sha256"]
-    return keys
+            if line.strip():
+                yield json.loads(line)
+
+
+def sample_keys(path, run):
+    return {(r["task"], str(r["length"]), r["index"]): r["input_sha256"]
+            for r in sample_records(path) if r["run"] == run}
 
 
 def fmt_len(n):
@@ -83,14 +97,14 @@ def stage1_table():
 def stage2_cells(lengths):
     s2 = load("stage2/comparison/comparison.json")
     cells = {(c["task"], int(c["length"])): c["runs"] for c in s2["cells"]}
-    seer_keys, base_keys = {}, sample_keys("stage2/comparison/samples.jsonl", "dense")
+    seer_keys, base_keys = {}, sample_keys(samples_path("stage2/comparison"), "dense")
     for n in lengths:
         path = f"stage2_seerattn/comparison_{n}/comparison.json"
         if not exists(path):
             continue
         for c in load(path)["cells"]:
             cells[(c["task"], int(c["length"]))]["seerattn"] = c["runs"]["seerattn"]
-        seer_keys.update(sample_keys(f"stage2_seerattn/comparison_{n}/samples.jsonl", "seerattn"))
+        seer_keys.update(sample_keys(samples_path(f"stage2_seerattn/comparison_{n}"), "seerattn"))
     if seer_keys:
         same = sum(1 for k, v in seer_keys.items() if base_keys.get(k) == v)
         print(f"\n(SeerAttn samples identical to stage 2's: {same} of {len(seer_keys)})")
@@ -193,7 +207,7 @@ def decode_rows_table(judged):
         return
     cells = load(path)["cells"]
     runs = list(cells[0]["runs"])
-    print("\nDense decode and the last query block, essay cells (stage2_decode; RULER score / prefill density)\n")
+    print("\nDense decode and the last query block, the cells of stage2_decode (RULER score / prefill density)\n")
     print("| method | " + " | ".join(f"{c['task']} @ {fmt_len(int(c['length']))}{'' if (c['task'], int(c['length'])) in judged else ' (not judged)'}"
                                  for c in cells) + " | mean, judged cells | mean, all |")
     print("| --- " * (len(cells) + 3) + "|")
@@ -249,15 +263,13 @@ def _median(xs):
 def e2e_median_table(cell, methods):
     """Medians per sample beside the means: a run's first sample carries one-time costs (Triton compiles
     the variants its warm-up did not meet, the allocator grows to the longest prompt so far)."""
-    path = "e2e_32k/comparison/samples.jsonl"
+    path = samples_path("e2e_32k/comparison")
     if not exists(path):
         return
     per = {m: [] for m in methods}
-    with open(path_of(path)) as fh:
-        for line in fh:
-            r = json.loads(line)
-            if r["run"] in per and r["task"] == cell["task"] and str(r["length"]) == str(cell["length"]):
-                per[r["run"]].append(r)
+    for r in sample_records(path):
+        if r["run"] in per and r["task"] == cell["task"] and str(r["length"]) == str(cell["length"]):
+            per[r["run"]].append(r)
     if not all(per.values()):
         return
     print("\nThe same, medians per sample (first: the run's first sample, total s)\n")

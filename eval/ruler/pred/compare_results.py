@@ -46,7 +46,7 @@ dense server (hf/dense), otherwise it is an error. Seconds per sample are means 
 ``others.prefill_s`` and ``others.decode_s``, each divided by ``others.batch_size`` (the rows of a
 batch share its wall time); speedup = baseline mean seconds / run mean seconds.
 
-Writes to --output_dir: comparison_report.md, comparison.json, samples.jsonl (compact per-sample
+Writes to --output_dir: comparison_report.md, comparison.json, samples.jsonl.gz (compact per-sample
 records without prompts: run, length, task, index, input_sha256, depth, pred, outputs, scores,
 density, times) and PNG plots: accuracy_vs_density_{task}.png, accuracy_vs_density_mean.png,
 time_per_sample.png.
@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import gzip
 import json
 import math
 import re
@@ -71,6 +72,7 @@ if str(REPO_ROOT) not in sys.path:
 from sketch_walk.errors import UsageError, cli_main  # noqa: E402
 
 DENSE_METHODS = {"hf", "dense", "vllm", "trtllm", "sglang", "openai", "gemini", "mamba"}
+SAMPLES_FILE = "samples.jsonl.gz"
 CONFIDENCE = 0.95
 Z95 = 1.959963984540054
 FLAT = "all"
@@ -737,7 +739,7 @@ def write_report(path, runs, settings, baseline, cells, summary, plots, n_boot, 
     L.append("- `comparison.json`: every number above, plus per-layer prefill density (`density_per_layer`) "
              "and, for models whose layers differ (Gemma-3), the density per layer type "
              "(`density_by_layer_type`: sparse, dense and sliding-window layers apart).")
-    L.append("- `samples.jsonl`: compact per-sample records (no prompts).")
+    L.append(f"- `{SAMPLES_FILE}`: compact per-sample records (no prompts; `zcat` reads it).")
     for p in plots:
         L.append(f"- `{p}`")
     L.append("")
@@ -857,9 +859,10 @@ def run_comparison(runs, output_dir, baseline=None, tasks=None, lengths=None, n_
     with open(out / "comparison.json", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+    # gzip (mtime 0: the same records give the same bytes): ~9x smaller, and these files are committed
+    with open(out / SAMPLES_FILE, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            gz.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
     write_report(out / "comparison_report.md", runs, {n: m[0] for n, m in manifests.items()}, result["baseline"],
                  cells, summary,
                  plot_files, n_boot, seed)
