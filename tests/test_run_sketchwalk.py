@@ -292,8 +292,17 @@ def test_gemma3_configs(tmp_path, capsys):
     [prep] = [c for c in e2e if script_of(c) == "prepare.py"]
     assert prep_args(prep) == same[("niah_single_1", "32768")] and flag(prep, "--num_samples") == "10"
     preds = [c for c in e2e if script_of(c) == "call_api.py"]
-    assert [flag(c, "--server_type") for c in preds] == ["hf", "SketchWalk", "SketchWalk"]
+    assert [flag(c, "--server_type") for c in preds] == ["hf", "SketchWalk", "SketchWalk", "SketchWalk"]
     assert flag(preds[1], "--selector") == "local" and int(flag(preds[1], "--top_k_blocks")) >= 32768 // 64
+    assert flag(preds[3], "--dense_last_blocks") == "1" and "--skip_decode" in preds[3]
+
+    # the decode row: stage 2's cells, prompts and data flags, one method run on the GPU
+    _, s3 = plan([SWEEPS / "gemma3_stage2_decode.yaml", "--dry_run", "--root_dir", tmp_path / "d",
+                  "--cells_from", comp, "--methods", "sketchwalk_dlb1_skip_decode"])
+    preds3 = [c for c in s3 if script_of(c) == "call_api.py"]
+    assert len(preds3) == 3 and all("--skip_decode" in c and flag(c, "--dense_last_blocks") == "1" for c in preds3)
+    assert sorted(prep_args(c) + flag(c, "--num_samples") for c in s3 if script_of(c) == "prepare.py") == \
+        sorted(prep_args(c) + flag(c, "--num_samples") for c in preps2)
     assert all(flag(c, "--max_new_tokens") == "64" and flag(c, "--batch_size") == "1" for c in preds)
 
 
