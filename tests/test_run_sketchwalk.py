@@ -364,6 +364,12 @@ def test_parallel_jobs_same_files_longest_first(tmp_path, capsys, monkeypatch):
     assert code == 2 and "--jobs 0" in err
 
 
+def test_gpus_without_jobs_is_a_usage_error(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    code, out, err = run_main([cfg, "--gpus", "2", "--dry_run"], capsys)
+    assert code == 2 and "--gpus 2 with --jobs 1" in err and "Traceback" not in err
+
+
 def test_gpu_assignment():
     # which GPUs: 1 sets nothing; N takes the first N of CUDA_VISIBLE_DEVICES, else 0..N-1
     assert rs.gpu_devices(1, {}) is None
@@ -622,6 +628,15 @@ def test_device_run_returns_when_the_sweep_ends(tmp_path):
     assert f"driver {sweep} --root_dir /tmp/gpu_run/{sweep[:-5]} --jobs 3 --gpus 2 --only prepare predict" in log
     assert "--jobs 3 --only evaluate compare" in log
     assert "predict exit 0" in (out / "device.log").read_text()
+
+    # GPUs counted from CUDA_VISIBLE_DEVICES when set, and never more than the jobs that use them
+    for env, want in (({"CUDA_VISIBLE_DEVICES": "2,3", "JOBS": "4"}, "--jobs 4 --gpus 2"),
+                      ({"GPUS": "2", "JOBS": "1"}, "--jobs 1 --gpus 1")):
+        (out / "run.log").unlink()
+        base = {k: v for k, v in os.environ.items() if k not in ("GPUS", "CUDA_VISIBLE_DEVICES")}
+        proc = subprocess.run(["bash", "eval/ruler/device_run.sh", "40", sweep], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=35, env=dict(base, OUT=str(out), RESERVE="0", **env))
+        assert f"{want} --only prepare predict" in (out / "run.log").read_text(), (env, proc.stderr)
 
 
 def test_two_gpu_run_keeps_data_per_model(tmp_path):

@@ -6,7 +6,8 @@
 # wonderwords defusedxml), the essay file in .carry/ (eval/ruler/device_setup.sh does the setup and
 # converts the model once before the parallel processes start).
 # JOBS predict processes run at once (SmolLM2 at batch 1 is launch-bound: one process leaves the GPU
-# mostly idle), spread over GPUS GPUs (default: every GPU nvidia-smi lists; run_sketchwalk.py --gpus).
+# mostly idle), spread over GPUS GPUs (default: those CUDA_VISIBLE_DEVICES names, else every GPU nvidia-smi lists;
+# at most JOBS; run_sketchwalk.py --gpus).
 # Data and predictions live under /tmp/gpu_run/<sweep> (they survive between calls while the machine
 # stays warm, so a second call with the same arguments resumes). RESERVE seconds (default 90) are kept
 # back for evaluate + compare (JOBS at a time: ~5 s a wave of evaluate.py, ~7 s compare) and the
@@ -29,8 +30,11 @@ elapsed() { echo $(( $(date +%s) - start )); }
 jobs=${JOBS:-1}
 reserve=${RESERVE:-90}
 source eval/ruler/device_setup.sh || exit 1
-gpus=${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
+if [ -n "${GPUS:-}" ]; then gpus=$GPUS
+elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then gpus=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
+else gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); fi
 [ "${gpus:-0}" -ge 1 ] 2>/dev/null || gpus=1
+[ "$gpus" -gt "$jobs" ] && gpus=$jobs    # one job runs on one GPU: more GPUs than jobs would sit idle
 root=/tmp/gpu_run/$(basename "$sweep" .yaml)
 
 left=$(( budget - $(elapsed) - reserve ))

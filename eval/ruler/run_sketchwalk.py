@@ -908,6 +908,9 @@ def main(argv=None):
     phases = tuple(args.only) if args.only else ("prepare", "predict", "evaluate", "compare")
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: must be at least 1")
+    if args.gpus > 1 and args.jobs == 1:
+        raise UsageError(f"--gpus {args.gpus} with --jobs 1: one predict step at a time runs on one GPU; give "
+                         f"--jobs {args.gpus} or more to use {args.gpus} GPUs (or run call_api.py under torchrun)")
     gpu_devices(args.gpus)               # checks --gpus against CUDA_VISIBLE_DEVICES before any step
     steps = plan(sw, phases)
     if args.dry_run:
