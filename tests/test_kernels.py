@@ -314,5 +314,26 @@ def test_prefill_gpu_every_config():
         _check(run_prefill_case(c, "cuda", torch.bfloat16, _fresh_seed()), GPU_BOUNDS["bfloat16"])
 
 
+@cuda_only
+def test_prefill_gpu_every_window_config():
+    """The same for the windowed autotune space (Gemma-3's geometry: one key head, d 256, window 512)."""
+    from sketch_walk.kernels.block_sparse_prefill import candidate_configs
+    base = dict(b=1, h=4, hkv=1, n=1500, d=256, bs=64, lists="window", window=512)
+    for cfg in candidate_configs(4, 64, 256, windowed=True):
+        c = dict(base, cfg=dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        _check(run_prefill_case(c, "cuda", torch.bfloat16, _fresh_seed()), GPU_BOUNDS["bfloat16"])
+
+
+@pytest.mark.parametrize("geometry", [(4, 64, 128), (4, 64, 256), (1, 64, 256), (4, 128, 64), (4, 256, 256),
+                                      (1, 512, 64)])
+def test_windowed_configs_are_unpipelined(geometry):
+    """Windowed launches never pipeline the key loop (WINDOW_NUM_STAGES: Triton 3.6 miscompiled it on the
+    H100), also where no tuned config fits and the fallback is used; unwindowed ones keep their stages."""
+    from sketch_walk.kernels.block_sparse_prefill import WINDOW_NUM_STAGES, candidate_configs
+    windowed = candidate_configs(*geometry, windowed=True)
+    assert windowed and all(c.num_stages == WINDOW_NUM_STAGES == 1 for c in windowed)
+    assert all(c.num_stages >= 2 for c in candidate_configs(*geometry))
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker()

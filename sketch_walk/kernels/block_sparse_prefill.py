@@ -223,7 +223,8 @@ def candidate_configs(group: int, block_size: int, head_dim: int, windowed: bool
     add(hpp_half, 1, 4, 3)
     # (HPP full, KPI 2, 16 warps) was tried: 2.9 s vs 0.31 s at 128K full density (register spills), dropped
     if not cfgs:
-        cfgs.append(triton.Config({"HPP": 1, "KPI": 1, "BLOCK_M": pow2(block_size)}, num_warps=4, num_stages=2))
+        cfgs.append(triton.Config({"HPP": 1, "KPI": 1, "BLOCK_M": pow2(block_size)}, num_warps=4,
+                                  num_stages=WINDOW_NUM_STAGES if windowed else 2))
     return cfgs
 
 

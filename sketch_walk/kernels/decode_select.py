@@ -148,7 +148,7 @@ def _hop_tile(
     tl.store(HP + (bgw * R + it) * NB + offs_j, acc, mask=j_ok)
 
 
-@triton.jit(do_not_specialize=["NB", "N_HOP", "T", "R", "TJ", "NEW_BLOCK"])
+@triton.jit(do_not_specialize=["stride_rb", "NB", "N_HOP", "T", "R", "TJ", "NEW_BLOCK"])
 def _scores_hop_kernel(
     Q, stride_qb, stride_qh,
     KA, KB, stride_kb, stride_kh, stride_kn,
@@ -215,7 +215,7 @@ def _head_mean_kernel(
         tl.store(HOP + bgw * NB + offs_j, hop, mask=j_ok)
 
 
-@triton.jit(do_not_specialize=["NB"])
+@triton.jit(do_not_specialize=["stride_rb", "NB"])
 def _final_kernel(
     A, HOP, RPREV, stride_rb, WC, stride_wb, stride_wg, stride_wi, ROUT, IDX, CNT,
     NB, G_W, H_KV, s_exp, beta,
