@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "eval" / "ruler" / "run_sketchwalk.py"
@@ -303,6 +305,12 @@ def test_gemma3_configs(tmp_path, capsys):
     assert len(preds3) == 3 and all("--skip_decode" in c and flag(c, "--dense_last_blocks") == "1" for c in preds3)
     assert sorted(prep_args(c) + flag(c, "--num_samples") for c in s3 if script_of(c) == "prepare.py") == \
         sorted(prep_args(c) + flag(c, "--num_samples") for c in preps2)
+    assert all(flag(c, "--max_new_tokens") == "64" and flag(c, "--batch_size") == "1" for c in preds3)
+    # its dense and sketchwalk rows are stage 2's own files: the two configs must define them alike
+    cfg2, cfg3 = (yaml.safe_load((SWEEPS / f).read_text()) for f in ("gemma3_stage2.yaml", "gemma3_stage2_decode.yaml"))
+    assert all(cfg3["methods"][m] == cfg2["methods"][m] for m in ("dense", "sketchwalk"))
+    assert {k: v for k, v in cfg3.items() if k not in ("root_dir", "methods", "comparisons")} == \
+        {k: v for k, v in cfg2.items() if k not in ("root_dir", "methods", "comparisons")}
     assert all(flag(c, "--max_new_tokens") == "64" and flag(c, "--batch_size") == "1" for c in preds)
 
 

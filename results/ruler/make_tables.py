@@ -195,7 +195,7 @@ DECODE_LABELS = {
     "sketchwalk": "SketchWalk default (sparse decode, last block sparse)",
     "sketchwalk_skip_decode": "+ dense decode (--skip_decode)",
     "sketchwalk_dlb1": "+ last query block dense (--dense_last_blocks 1)",
-    "sketchwalk_dlb1_skip_decode": "+ both",
+    "sketchwalk_dlb1_skip_decode": "+ both (--dense_last_blocks 1 --skip_decode)",
     "oracle_skip_decode": "oracle + dense decode",
 }
 

@@ -859,8 +859,8 @@ def run_comparison(runs, output_dir, baseline=None, tasks=None, lengths=None, n_
     with open(out / "comparison.json", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    # gzip (mtime 0: the same records give the same bytes): ~9x smaller, and these files are committed
-    with open(out / SAMPLES_FILE, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+    # gzip (no file name, mtime 0: the same records give the same bytes): ~9x smaller, and these files are committed
+    with open(out / SAMPLES_FILE, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
         for rec in records:
             gz.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
     write_report(out / "comparison_report.md", runs, {n: m[0] for n, m in manifests.items()}, result["baseline"],
