@@ -531,3 +531,17 @@ def test_seerattn_real_session_on_tiny_model(tiny_model, tmp_path):
         assert r["others"]["method"] == "seer_attn" and 0 < r["others"]["density"]["prefill"] <= 1
     assert plan.model["model"] == tiny_model
     assert set(plan.manifest_key["checkpoint_files"]) == {"gates.safetensors"}  # retrained gates change the key
+
+
+def test_warmup_length_by_device(monkeypatch):
+    """The warm-up generates 2 tokens on the CPU and the whole max_new_tokens on a GPU, then restores it."""
+    import torch
+
+    seen = []
+    llm = object.__new__(mw.HuggingFaceModel)
+    llm.session = None
+    monkeypatch.setattr(llm, "_run_session_batch", lambda prompts: seen.append(llm.max_new_tokens) or [], raising=False)
+    for device, want in (("cpu", 2), ("cuda", 64)):
+        llm.device, llm.max_new_tokens = torch.device(device), 64
+        llm.warmup("a prompt")
+        assert seen[-1] == want and llm.max_new_tokens == 64

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=1, help="prompts per forward (left padded; dense only)")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the task's tokens_to_generate")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                        help="one untimed generation step on the first prompt before timing (default on)")
+                        help="an untimed generation of the first prompt before timing: its whole max_new_tokens on a GPU, 2 tokens on the CPU (default on)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start this prediction file afresh even if it exists with another manifest")
     # SeerAttention fork
