@@ -2,10 +2,12 @@
 
 Convention of every kernel here: integer arguments that follow the prompt or cache length (N_CTX,
 N_BLOCKS, N_KEYS, NB, split and tile counts, NEW_BLOCK) are listed in ``do_not_specialize``. Triton
-otherwise compiles a new variant whenever such a value turns divisible by 16 (or equals 1): a
-generation crosses those values every few steps, so variants compiled mid-run (~1 s each) landed in the
-timed samples (measured on the H100, Gemma-3 at 32K: the first sample's decode took 9.6 s against a
-median 1.3 s). Sizes that pick a tile (autotune keys, constexprs) stay specialised.
+otherwise compiles a new variant whenever such a value turns divisible by 16 (or equals 1), and a
+generation crosses those values every few steps, compiling inside timed samples. (This was a suspect for
+the slow first sample of a run, 9.6 s of decode against a median 1.3 s for Gemma-3 at 32K on the H100;
+with it in place the first sample still took 3.5x the median, so most of that cost lies elsewhere:
+call_api's warm-up now runs a whole generation.) Sizes that pick a tile (autotune keys, constexprs)
+stay specialised.
 """
 from __future__ import annotations
 
