@@ -233,7 +233,7 @@ class SparseAttentionSession:
         hkv, k_len = key.shape[1], key.shape[2]
         if layer == self.first_layer:
             # masks and window lists are the same for every layer of one forward pass: computed once
-            self._per_forward: Dict[tuple, Any] = {}
+            self._per_forward = {}
             if q_len == k_len:                             # a new prompt
                 self.selector.reset(b)
                 self._seq_len = q_len

@@ -18,6 +18,7 @@ import argparse
 import gzip
 import json
 import os
+from statistics import median
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = HERE
@@ -254,15 +255,9 @@ def e2e_table():
         e2e_median_table(cell, list(runs))
 
 
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-
-
 def e2e_median_table(cell, methods):
-    """Medians per sample beside the means: a run's first sample carries one-time costs (Triton compiles
-    the variants its warm-up did not meet, the allocator grows to the longest prompt so far)."""
+    """Medians per sample beside the means: a run's first sample can carry one-time costs that its warm-up
+    did not meet (compilation, per-shape library setup, the allocator growing to the longest prompt)."""
     path = samples_path("e2e_32k/comparison")
     if not exists(path):
         return
@@ -278,9 +273,9 @@ def e2e_median_table(cell, methods):
     base = None
     for m in methods:
         rs = sorted(per[m], key=lambda r: r["index"])
-        pre, dec = _median([r["prefill_s"] for r in rs]), _median([r["decode_s"] for r in rs])
-        tot = _median([r["prefill_s"] + r["decode_s"] for r in rs])
-        tok = _median([1000 * r["decode_s"] / r["new_tokens"] for r in rs if r.get("new_tokens")] or [float("nan")])
+        pre, dec = median([r["prefill_s"] for r in rs]), median([r["decode_s"] for r in rs])
+        tot = median([r["prefill_s"] + r["decode_s"] for r in rs])
+        tok = median([1000 * r["decode_s"] / r["new_tokens"] for r in rs if r.get("new_tokens")] or [float("nan")])
         base = tot if base is None else base
         speed = "-" if m == methods[0] else f"{base / tot:.2f}x"
         print(f"| {LABELS.get(m, m)} | {pre:.3f} | {dec:.3f} | {tok:.1f} | {tot:.3f} | {speed} | "

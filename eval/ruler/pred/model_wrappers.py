@@ -276,7 +276,7 @@ class HuggingFaceModel:
         samples at 32K still took up to 3.5x the median (H100). On the CPU a prefill and 2 decode steps
         (nothing to compile or plan, and CPU decode is slow)."""
         saved = self.max_new_tokens
-        if getattr(self.device, "type", "cpu") != "cuda":
+        if self.device.type != "cuda":
             self.max_new_tokens = min(saved, 2)
         try:
             self._run_session_batch([prompt])
