@@ -132,6 +132,7 @@ def test_report_math(tmp_path):
     for f in ("comparison_report.md", "comparison.json", "samples.jsonl.gz", "time_per_sample.png",
               "accuracy_vs_density_niah_single_1.png", "accuracy_vs_density_mean.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert not list(out.glob("*.tmp")), "a temporary file was left behind"
     assert (out / "time_per_sample.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "comparison_report.md").read_text()
     assert "80.0 [37.6, 96.4] W" in report and "2.00x" in report and "-20.0" in report

@@ -58,6 +58,7 @@ import hashlib
 import importlib.util
 import gzip
 import json
+import os
 import math
 import re
 import sys
@@ -856,13 +857,18 @@ def run_comparison(runs, output_dir, baseline=None, tasks=None, lengths=None, n_
         cells=cells,
         plots=plot_files,
     )
-    with open(out / "comparison.json", "w", encoding="utf-8") as f:
+    # each file written beside its final name and renamed: a killed compare leaves the previous files whole
+    tmp = out / "comparison.json.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
+    os.replace(tmp, out / "comparison.json")
     # gzip (no file name, mtime 0: the same records give the same bytes): ~9x smaller, and these files are committed
-    with open(out / SAMPLES_FILE, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+    tmp = out / (SAMPLES_FILE + ".tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
         for rec in records:
             gz.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+    os.replace(tmp, out / SAMPLES_FILE)
     write_report(out / "comparison_report.md", runs, {n: m[0] for n, m in manifests.items()}, result["baseline"],
                  cells, summary,
                  plot_files, n_boot, seed)
