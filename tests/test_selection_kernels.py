@@ -38,7 +38,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 INTERP = dict(pool=1e-6, transition=1e-5, rows=1e-5, walk=1e-5, mass=1e-4, state=1e-4)
-GPU = dict(pool=1e-6, transition=5e-3, rows=1e-4, walk=5e-3, mass=3e-2, state=5e-2)
+GPU = dict(pool=1e-6, transition=5e-3, rows=1e-4, walk=5e-3, mass=3e-2, state=5e-2,
+           walk_bf16=1e-2)           # bf16 tiles: 2^-9 rounding of both factors
 
 
 def _interp_tol(case: Dict) -> Dict:
@@ -51,6 +52,11 @@ POOL_CASES: List[Dict] = [
     dict(name="minmax_d80_noncontig_bs32", b=1, h=4, hkv=2, n=77, d=80, bs=32, summary="minmax", dtype="float16",
          noncontig=True),
     dict(name="mean_d256_bs64", b=1, h=2, hkv=1, n=150, d=256, bs=64, summary="mean", dtype="float32"),
+    # the fp16 transition operands written by the pooling itself (keys past fp16's range: clamped)
+    dict(name="minmax_half_partial_big", b=2, h=4, hkv=2, n=100, d=64, bs=16, summary="minmax", dtype="float32",
+         half_scale=0.18, big=True),
+    dict(name="minmax_half_bf16_2blocks", b=1, h=4, hkv=1, n=200, d=128, bs=32, summary="minmax", dtype="bfloat16",
+         half_scale=0.13, blocks_per_prog=2),
 ]
 
 TRANSITION_CASES: List[Dict] = [
@@ -64,6 +70,9 @@ TRANSITION_CASES: List[Dict] = [
     # the GPU's choice from 1536 key blocks on: scaled, fp16-rounded operands (the interpreter does fp16 products too)
     dict(name="fp16_minmax_layer_nb37", b=1, h=4, hkv=2, nb=37, dim=64, summary="minmax", per="layer", prec="fp16"),
     dict(name="fp16_mean_kvhead_b2", b=2, h=4, hkv=2, nb=21, dim=32, summary="mean", per="kv_head", prec="fp16"),
+    # operands already scaled and rounded (as the pooling writes them at fp16 precision)
+    dict(name="fp16_prescaled_minmax_nb37", b=1, h=4, hkv=2, nb=37, dim=64, summary="minmax", per="layer",
+         prec="fp16", prescaled=True),
 ]
 
 # row_select: lists vs select_blocks on the same scores, plus the row transform (sharpen / rownorm / partials)
@@ -78,12 +87,18 @@ ROW_CASES: List[Dict] = [
     dict(name="sharpen8_split3", b=2, gp=1, hkv=2, nb=21, sink=1, local=1, k=4, dense_last=0, kind="rand", mode=2,
          s=8.0, split=3),
     dict(name="rownorm_kvhead", b=1, gp=2, hkv=2, nb=21, sink=1, local=1, k=4, dense_last=0, kind="rand", mode=1),
+    # n_b a power of two: unmasked whole-row loads and stores
+    dict(name="even_nb32_sharpen_split2", b=1, gp=1, hkv=2, nb=32, sink=1, local=1, k=4, dense_last=0,
+         kind="rand", mode=2, s=8.0, split=2),
+    dict(name="even_nb64_ties_kvhead", b=1, gp=2, hkv=2, nb=64, sink=1, local=2, k=6, dense_last=2, kind="ties",
+         mode=1),
 ]
 
 WALK_CASES: List[Dict] = [
     dict(name="layer_nb19", b=1, gp=1, gr=1, nb=19, beta=0.25),
     dict(name="kvhead_broadcast_b2_nb40", b=2, gp=2, gr=1, nb=40, beta=0.5),
     dict(name="kvhead_per_group_nb33", b=1, gp=2, gr=2, nb=33, beta=0.25),
+    dict(name="even_nb128", b=1, gp=1, gr=1, nb=128, beta=0.25),          # no bounds masks
 ]
 
 # whole select_prefill, Triton vs torch, `layers` consecutive sparse layers
@@ -109,6 +124,9 @@ GPU_PIPELINE_CASES: List[Dict] = [
          cfg=dict(top_k_blocks=16, select_per="kv_head")),
     dict(name="gemma_d256_mean", b=1, h=8, hkv=4, n=4000, d=256, dtype="bfloat16", layers=2, bs=64,
          cfg=dict(top_k_blocks=8, key_summary="mean")),
+    # 1563 key blocks: "auto" takes fp16 operands, written by the pooling kernel
+    dict(name="llama_100k_fp16_auto", b=1, h=32, hkv=8, n=100000, d=128, dtype="bfloat16", layers=2, bs=64,
+         cfg=dict(top_k_blocks=16)),
 ]
 
 
@@ -155,17 +173,31 @@ def run_pool_case(case: Dict, device: str, seed: int) -> Dict:
     else:
         q = torch.randn(b, h, n, d, generator=gen)
     k = torch.randn(b, hkv, n, d, generator=gen) * 3
+    if case.get("big"):
+        k[..., ::7, 3] *= 1e5                            # some maxima / minima beyond fp16's +-65504
     q, k = q.to(dtype), k.to(dtype)
     mean = case["summary"] == "mean"
+    half = case.get("half_scale")
     ref = block_pool_reference(q.double(), k.double(), bs, case["summary"])
-    out = PooledBlocks(_nan((b, h, nb, d), torch.float32, device), _nan((nb,), torch.float64, device),
+    out = PooledBlocks(_nan((b, h, nb, d), torch.float16 if half else torch.float32, device),
+                       _nan((nb,), torch.float64, device),
                        _nan((b, hkv, nb, d), torch.float64 if mean else torch.float32, device),
-                       _nan((b, hkv, nb, d), torch.float32, device))
+                       _nan((b, hkv, nb, d), torch.float32, device),
+                       *([_nan((b, hkv, nb, d), torch.float16, device) for _ in range(2)] if half else []))
     t0 = time.time()
-    block_pool_triton(q.to(device), k.to(device), bs, case["summary"], out=out)
+    block_pool_triton(q.to(device), k.to(device), bs, case["summary"], out=out, half_scale=half,
+                      blocks_per_prog=case.get("blocks_per_prog", 1))
     _sync(device)
-    res = dict(seed=seed, secs=time.time() - t0, written=not any(bool(torch.isnan(t).any()) for t in out),
-               q_bar=_rel(out.q_bar, ref.q_bar), counts_exact=bool(torch.equal(out.counts.cpu(), ref.counts.cpu())))
+    written = [t for t in out if t is not None]
+    res = dict(seed=seed, secs=time.time() - t0, written=not any(bool(torch.isnan(t).any()) for t in written),
+               counts_exact=bool(torch.equal(out.counts.cpu(), ref.counts.cpu())))
+    if half:   # q_bar: fp16 of the scaled mean (rounding: ~5e-4 relative); ka16 / kb16: fp16 of the exact extrema
+        res["q_bar"] = _rel(out.q_bar, (ref.q_bar * half).clamp(-65504, 65504))
+        for name, ref_t in (("ka16", ref.ka), ("kb16", ref.kb)):
+            want = ref_t.float().clamp(-65504, 65504).half()
+            res[f"{name}_exact"] = bool(torch.equal(getattr(out, name).cpu(), want.cpu()))
+    else:
+        res["q_bar"] = _rel(out.q_bar, ref.q_bar)
     if mean:   # fp64 sums of fp16 / fp32 values are exact in any order; kbar = float32(sum / count) then too
         res["ka_exact"] = bool(torch.equal(out.ka.cpu(), ref.ka.cpu()))
         res["kb_exact"] = bool(torch.equal(out.kb.cpu(), ref.kb.float().cpu()))
@@ -186,13 +218,18 @@ def run_transition_case(case: Dict, device: str, seed: int, config=None) -> Dict
     scale = case.get("scale", 1.0 / math.sqrt(dim))
     ref = block_transition_reference(qp.double(), ka.double(), None if kb is None else kb.double(), scale,
                                      case["per"])
+    if case.get("prescaled"):       # what block_pool_triton(..., half_scale=scale * LOG2E) writes
+        from sketch_walk.kernels.block_transition import LOG2E
+        qp, ka = (qp * (scale * LOG2E)).clamp(-65504, 65504).half(), ka.half()
+        kb = None if kb is None else kb.half()
     gp = 1 if case["per"] == "layer" else hkv
     split = case.get("split") or default_head_split(nb, b, gp, h // gp)
     split = max(1, min(split, h // gp))
     out = _nan((split, b, gp, nb, nb), torch.float32, device)
     t0 = time.time()
     block_transition_partials(qp.to(device), ka.to(device), None if kb is None else kb.to(device), scale,
-                              case["per"], head_split=split, config=config, precision=case.get("prec"), out=out)
+                              case["per"], head_split=split, config=config, precision=case.get("prec"), out=out,
+                              prescaled=bool(case.get("prescaled")))
     _sync(device)
     a = out.sum(0)
     return dict(seed=seed, secs=time.time() - t0, written=not bool(torch.isnan(out).any()), err=_rel(a, ref),
@@ -267,10 +304,10 @@ def run_walk_case(case: Dict, device: str, seed: int, config=None) -> Dict:
     ref = walk_step_reference(r.double(), w.double(), case["beta"])
     out = _nan((b, gp, nb, nb), torch.float32, device)
     t0 = time.time()
-    walk_step_triton(r.to(device), w.to(device), case["beta"], out=out, config=config)
+    walk_step_triton(r.to(device), w.to(device), case["beta"], out=out, config=config, precision=case.get("prec"))
     _sync(device)
     return dict(seed=seed, secs=time.time() - t0, written=not bool(torch.isnan(out).any()), err=_rel(out, ref),
-                upper_zero=bool((out.cpu().triu(1) == 0).all()))
+                upper_zero=bool((out.cpu().triu(1) == 0).all()), prec=case.get("prec"))
 
 
 def _captured(r: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
@@ -354,8 +391,10 @@ def _run_pipeline_case(case: Dict, device: str, seed: int) -> Dict:
 def _check_pool(res: Dict, tol: Dict) -> None:
     assert "error" not in res, res.get("error")
     assert res["written"], f"unwritten outputs (NaN poison survived): {res}"
-    assert res["q_bar"] <= tol["pool"], f"q_bar relative error {res['q_bar']:.2e}: {res}"
+    q_tol = max(tol["pool"], 1e-3) if "ka16_exact" in res else tol["pool"]      # fp16 output: 2^-11 rounding
+    assert res["q_bar"] <= q_tol, f"q_bar relative error {res['q_bar']:.2e}: {res}"
     assert res["counts_exact"] and res["ka_exact"] and res["kb_exact"], f"key summaries / counts not exact: {res}"
+    assert res.get("ka16_exact", True) and res.get("kb16_exact", True), f"fp16 key copies not exact: {res}"
 
 
 def _check_transition(res: Dict, tol: Dict) -> None:
@@ -377,7 +416,8 @@ def _check_walk(res: Dict, tol: Dict) -> None:
     assert "error" not in res, res.get("error")
     assert res["written"], f"unwritten outputs (NaN poison survived): {res}"
     assert res["upper_zero"], f"entries above the diagonal are not zero: {res}"
-    assert res["err"] <= tol["walk"], f"walk relative error {res['err']:.2e} > {tol['walk']:g}: {res}"
+    t = tol["walk_bf16"] if res.get("prec") == "bf16" else tol["walk"]
+    assert res["err"] <= t, f"walk relative error {res['err']:.2e} > {t:g}: {res}"
 
 
 def _check_pipeline(res: Dict, tol: Dict, exact_state: bool = True) -> None:
@@ -497,6 +537,8 @@ def test_pool_gpu_bf16(case):
     dict(name="llama_nb517_kvhead", b=1, h=32, hkv=8, nb=517, dim=128, summary="minmax", per="kv_head"),
     dict(name="mean_nb300_k64", b=2, h=8, hkv=2, nb=300, dim=64, summary="mean", per="layer"),
     dict(name="gemma_d256_nb100", b=1, h=8, hkv=4, nb=100, dim=256, summary="minmax", per="layer"),
+    dict(name="llama_nb700_prescaled", b=1, h=32, hkv=8, nb=700, dim=128, summary="minmax", per="layer",
+         prec="fp16", prescaled=True),
 ], ids=lambda c: c["name"])
 def test_transition_gpu(case):
     _check_transition(run_transition_case(case, "cuda", _fresh_seed()), GPU)
@@ -504,11 +546,14 @@ def test_transition_gpu(case):
 
 @cuda_only
 def test_transition_gpu_every_config():
-    """Every configuration of the autotune space is right, not only the one autotuning picks."""
+    """Every configuration of the autotune space is right, not only the one autotuning picks (fp16 operands
+    have configs of their own, run here on prescaled operands)."""
     from sketch_walk.kernels.block_transition import candidate_configs
-    for summary, dim in (("minmax", 128), ("mean", 64)):
+    for summary, dim, half in (("minmax", 128, False), ("mean", 64, False), ("minmax", 128, True)):
         case = dict(name="cfg", b=1, h=8, hkv=2, nb=300, dim=dim, summary=summary, per="layer", split=2)
-        for cfg in candidate_configs(dim, summary == "minmax"):
+        if half:
+            case.update(prec="fp16", prescaled=True)
+        for cfg in candidate_configs(dim, summary == "minmax", half):
             c = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             res = run_transition_case(case, "cuda", _fresh_seed(), config=c)
             _check_transition(res, GPU)
@@ -524,7 +569,11 @@ def test_row_select_gpu(case):
 
 
 @cuda_only
-@pytest.mark.parametrize("case", WALK_CASES + [dict(name="nb2048", b=1, gp=1, gr=1, nb=2048, beta=0.25)],
+@pytest.mark.parametrize("case", WALK_CASES + [dict(name="nb2048", b=1, gp=1, gr=1, nb=2048, beta=0.25),
+                                               dict(name="nb2048_bf16", b=1, gp=1, gr=1, nb=2048, beta=0.25,
+                                                    prec="bf16"),
+                                               dict(name="nb300_bf16", b=1, gp=2, gr=1, nb=300, beta=0.25,
+                                                    prec="bf16")],
                          ids=lambda c: c["name"])
 def test_walk_step_gpu(case):
     _check_walk(run_walk_case(case, "cuda", _fresh_seed()), GPU)
@@ -533,10 +582,11 @@ def test_walk_step_gpu(case):
 @cuda_only
 def test_walk_step_gpu_every_config():
     from sketch_walk.kernels.walk_step import candidate_configs
-    case = dict(name="cfg", b=1, gp=2, gr=1, nb=300, beta=0.25)
-    for cfg in candidate_configs():
-        c = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        _check_walk(run_walk_case(case, "cuda", _fresh_seed(), config=c), GPU)
+    for nb in (300, 384):                       # 384: a multiple of 128, no bounds masks
+        case = dict(name="cfg", b=1, gp=2, gr=1, nb=nb, beta=0.25)
+        for cfg in candidate_configs():
+            c = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _check_walk(run_walk_case(case, "cuda", _fresh_seed(), config=c), GPU)
 
 
 @cuda_only

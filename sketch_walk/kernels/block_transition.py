@@ -30,11 +30,11 @@ pass: 32 heads x 528 causal 64 x 64 tiles x 64 x 64 x 256 x 2 = 35 GFLOP of TF32
 inputs ~40 MB (L2-resident tiles), output 16 MB (pass 2). At 8K (n_b = 128): tiny; latency, S = 32.
 
 Dot precision. Scores accumulate in fp32. Default "auto": "fp16" from 1536 key blocks on, "tf32" below
-(:func:`dot_precision`). "fp16": the wrapper scales Qbar (or Qtil) and rounds it and
-the key summaries to fp16 once (clamped to +-65504), and the dots run at fp16 tensor-core rate: the same
-10-bit mantissa as TF32 at half the bytes per tile and twice the rate (at 128K the two passes were 0.65 ms
-with TF32 operands, ~110 TFLOP/s, 0.43 ms with fp16; below ~64K tokens the three rounding launches cost more
-than the dots save). Minmax keys of an
+(:func:`dot_precision`). "fp16": Qbar (or Qtil) is scaled and, with the key summaries, rounded to fp16 once
+(clamped to +-65504), and the dots run at fp16 tensor-core rate: the same 10-bit mantissa as TF32 at half
+the bytes per tile and twice the rate. The minmax selection has the pooling kernel write these operands
+(``prescaled``); otherwise the wrapper rounds them in three launches. At 128K the two passes take 0.65 ms
+with TF32 operands (~110 TFLOP/s), 0.42 ms with fp16 rounded here, 0.34 ms prescaled. Minmax keys of an
 fp16 model are exact in fp16; bf16 keys lose nothing either unless below fp16's normal range (6e-5), where
 they no longer matter to a score. The error is Qbar's rounding, |d Ahat| <~ 2^-11 scale sum_c |q_c k_c|,
 ~1e-3 relative on P. The selection only needs the order of W, and that error is far below the sketch's own
@@ -56,7 +56,7 @@ import triton.language as tl
 from ..errors import UsageError
 from ._launch import pow2
 
-_LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634
 _FP16_MAX = 65504.0
 DOT_PRECISIONS = ("fp16", "tf32", "tf32x3", "ieee")
 
@@ -222,8 +222,9 @@ class DotPrecisionError(UsageError, ValueError):
 
 # From this many key blocks on (96K tokens at block 64), "auto" takes fp16 operands. Measured on the H100
 # (benchmarks/results/attention_speed_NVIDIA_H100_80GB_HBM3.json, transition vs transition@tf32, Llama-3.1-8B
-# geometry): 128K 0.43 ms fp16 vs 0.65 TF32; 64K 0.18-0.29 vs 0.19; 8K-32K 0.16-0.21 vs 0.06-0.07, where the
-# wrapper's three rounding launches cost more than the dots save.
+# geometry), fp16 rounded by the wrapper: 128K 0.42 ms vs 0.65 TF32; 64K 0.20 vs 0.19; 8K-32K 0.17-0.21 vs
+# 0.08-0.10, where the wrapper's three rounding launches cost more than the dots save. The prescaled operands
+# (rounded by the pooling: 0.34 ms at 128K) were not timed below 128K; the threshold may come down.
 FP16_MIN_BLOCKS = 1536
 
 
@@ -239,29 +240,35 @@ def dot_precision(n_blocks: Optional[int] = None) -> str:
     return p
 
 
-def candidate_configs(block_d: int, minmax: bool) -> list:
+def candidate_configs(block_d: int, minmax: bool, half: bool = False) -> list:
     """GPU autotune space of both passes: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), kept to those whose
-    pipelined fp32 stages (a BLOCK_M x BLOCK_K query chunk and 1-2 BLOCK_N x BLOCK_K key chunks) fit ~200 KB of
-    shared memory. Compiled for sm_90 with Triton 3.9 (minmax, d 64..256; mean, k' 64): 72 / 96 / 124 / 144 KB
-    of shared memory, cp.async pipelines, TF32 wgmma, no register spills except pass 2 at 128 x 128 (68 bytes).
-    (BLOCK_K 64 spilled 160-400 bytes in pass 2: left out.)"""
+    pipelined stages (a BLOCK_M x BLOCK_K query chunk and 1-2 BLOCK_N x BLOCK_K key chunks) fit ~200 KB of
+    shared memory. fp32 operands, compiled for sm_90 with Triton 3.9 (minmax, d 64..256; mean, k' 64): 72 / 96 /
+    124 / 144 KB of shared memory, cp.async pipelines, TF32 wgmma, no register spills except pass 2 at
+    128 x 128 (68 bytes); BLOCK_K 64 spilled 160-400 bytes in pass 2: left out. ``half`` (fp16 operands): the
+    same tiles plus 64-channel chunks (half the bytes a stage, half the loop trips; the passes are bound by
+    the L2 reads of their operand tiles more than by the dot rate)."""
     n_k = 2 if minmax else 1
+    elem = 2 if half else 4
+    shapes = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3)]
+    if half:
+        shapes += [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 2)]
     cfgs = []
-    for bm, bn, bk, w, s in ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3)):
+    for bm, bn, bk, w, s in shapes:
         bk = min(bk, block_d)
-        if s * 4 * bk * (bm + n_k * bn) <= _SMEM_BUDGET:
+        if s * elem * bk * (bm + n_k * bn) <= _SMEM_BUDGET:
             cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
     return cfgs
 
 
-_tuned: Dict[Tuple[str, int, bool], object] = {}
+_tuned: Dict[Tuple[str, int, bool, bool], object] = {}
 
 
-def _tuned_kernel(which: str, block_d: int, minmax: bool):
-    key = (which, block_d, minmax)
+def _tuned_kernel(which: str, block_d: int, minmax: bool, half: bool):
+    key = (which, block_d, minmax, half)
     if key not in _tuned:
         kern = _transition_stats_kernel if which == "stats" else _transition_mean_kernel
-        _tuned[key] = triton.autotune(configs=candidate_configs(block_d, minmax),
+        _tuned[key] = triton.autotune(configs=candidate_configs(block_d, minmax, half),
                                       key=["nb_key", "GROUP", "DIM", "MINMAX", "DOT_PREC"])(kern)
     return _tuned[key]
 
@@ -290,7 +297,7 @@ def _sm_count(device: torch.device) -> int:
 def block_transition_partials(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[torch.Tensor], scale: float,
                               select_per: str = "layer", head_split: Optional[int] = None,
                               config: Optional[dict] = None, precision: Optional[str] = None,
-                              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                              out: Optional[torch.Tensor] = None, prescaled: bool = False) -> torch.Tensor:
     """Step 4 in two launches. Returns partials (S, B, G', n_b, n_b) fp32 whose sum over S is A (``out`` when
     given: fp32, that shape, last stride 1; every element is written).
 
@@ -299,6 +306,8 @@ def block_transition_partials(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[t
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages for both passes (the GPU autotunes otherwise, the
     interpreter uses 16 x 16 tiles and 32-channel chunks). ``precision``: tl.dot input precision (module
     docstring), default :func:`dot_precision` of n_b. ``head_split``: S (default :func:`default_head_split`).
+    ``prescaled``: qp, ka, kb are already the fp16 operands, qp times scale * log2(e) and all clamped to fp16's
+    range (``block_pool_triton(..., half_scale=scale * LOG2E)`` writes them); needs precision "fp16".
     """
     minmax = kb is not None
     if qp.dim() != 4 or ka.dim() != 4 or qp.shape[-2:] != ka.shape[-2:] or qp.shape[0] != ka.shape[0]:
@@ -319,8 +328,14 @@ def block_transition_partials(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[t
     heads_out = h // gp
     dev = qp.device
     prec = precision or dot_precision(nb)
-    qk_scale = float(scale) * _LOG2E
-    if prec == "fp16":
+    qk_scale = float(scale) * LOG2E
+    if prescaled:
+        if prec != "fp16" or any(t is not None and t.dtype != torch.float16 for t in (qp, ka, kb)):
+            raise ValueError(f"prescaled operands must be fp16 at precision fp16 (got {prec}, {qp.dtype})")
+        qp, ka = qp.contiguous(), ka.contiguous()
+        kb = kb.contiguous() if minmax else ka
+        qk_scale = 1.0
+    elif prec == "fp16":
         # Scale q here (it commutes with max(., 0) / min(., 0)) and round every operand to fp16 once: half the
         # bytes per tile and twice the tensor-core rate of TF32, same 10-bit mantissa. Clamped to fp16's range
         # so an outlier cannot turn a score into inf - inf = NaN.
@@ -362,8 +377,9 @@ def block_transition_partials(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[t
         _transition_mean_kernel[(triton.cdiv(nb, bm), triton.cdiv(nb, bn), b * gp * split)](*a2, **kw)
         return out
 
-    _tuned_kernel("stats", bd, minmax)[lambda m: (triton.cdiv(nb, m["BLOCK_M"]), b * h)](*a1, **meta)
-    _tuned_kernel("mean", bd, minmax)[
+    half = prec == "fp16"
+    _tuned_kernel("stats", bd, minmax, half)[lambda m: (triton.cdiv(nb, m["BLOCK_M"]), b * h)](*a1, **meta)
+    _tuned_kernel("mean", bd, minmax, half)[
         lambda m: (triton.cdiv(nb, m["BLOCK_M"]), triton.cdiv(nb, m["BLOCK_N"]), b * gp * split)](*a2, **meta)
     return out
 

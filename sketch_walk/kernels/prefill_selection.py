@@ -6,7 +6,8 @@ TRITON_INTERPRET=1 with the backend forced); the torch path (:mod:`sketch_walk.s
 list widths from shapes, so CUDA-graph capturable):
 
   1. :mod:`.block_pool`        Q block means + K minmax (or fp64 sums + means), one pass over Q and K
-     (mean: + 2 torch matmuls, the SRHT of the pooled vectors)
+     (mean: + 2 torch matmuls, the SRHT of the pooled vectors; minmax at fp16 dot precision: the pooling
+     also writes the transition's fp16 operands, scaled Qbar and Kmax / Kmin copies)
   2. :mod:`.block_transition`  pass 1: per-(head, row) log-sum-exp of the block scores
   3. :mod:`.block_transition`  pass 2: head-mean of the causal softmax, S head-split partials
   4. :mod:`.row_select`        sum of the partials, sharpening W = softmax(s log A)       [+ lists if beta = 0]
@@ -28,8 +29,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..selection import max_kept_for
-from .block_pool import block_pool_triton
-from .block_transition import block_transition_partials
+from .block_pool import PooledBlocks, block_pool_triton
+from .block_transition import LOG2E, block_transition_partials, dot_precision
 from .row_select import row_pass_triton
 from .walk_step import walk_step_triton
 
@@ -48,6 +49,40 @@ class PrefillSelection(NamedTuple):
     kmin: Optional[torch.Tensor]
 
 
+class _Operands(NamedTuple):
+    pooled: PooledBlocks
+    qp: torch.Tensor                 # Qbar, Qtil (mean) or the fp16 scaled Qbar (prescaled)
+    ka: torch.Tensor
+    kb: Optional[torch.Tensor]
+    k_t: Optional[torch.Tensor]
+    prescaled: bool
+
+
+def _pool_operands(query: torch.Tensor, key: torch.Tensor, block_size: int, scale: float, key_summary: str,
+                   srht_matrix: Optional[torch.Tensor]) -> _Operands:
+    """Steps 1-3b: pooling, and the transition's operands. Minmax at fp16 dot precision: the pooling kernel
+    writes them (scaled, rounded), so the transition needs no rounding launches."""
+    nb = (query.shape[2] + block_size - 1) // block_size
+    if key_summary == "mean":
+        if srht_matrix is None:
+            raise ValueError("key_summary mean needs the SRHT matrix")
+        pooled = block_pool_triton(query, key, block_size, key_summary)
+        st = srht_matrix.t()
+        k_t = torch.matmul(pooled.kb, st)                                       # step 2 (sketch.srht)
+        return _Operands(pooled, torch.matmul(pooled.q_bar, st), k_t, None, k_t, False)
+    if dot_precision(nb) == "fp16":
+        pooled = block_pool_triton(query, key, block_size, key_summary, half_scale=scale * LOG2E)
+        return _Operands(pooled, pooled.q_bar, pooled.ka16, pooled.kb16, None, True)
+    pooled = block_pool_triton(query, key, block_size, key_summary)
+    return _Operands(pooled, pooled.q_bar, pooled.ka, pooled.kb, None, False)
+
+
+def _transition(ops: _Operands, scale: float, select_per: str, **kw) -> torch.Tensor:
+    if ops.prescaled:
+        kw = dict(kw, precision="fp16", prescaled=True)
+    return block_transition_partials(ops.qp, ops.ka, ops.kb, scale, select_per, **kw)
+
+
 def sketch_walk_prefill_triton(query: torch.Tensor, key: torch.Tensor, *, block_size: int, scale: float,
                                key_summary: str = "minmax", select_per: str = "layer",
                                srht_matrix: Optional[torch.Tensor] = None, sparsity_exponent: float = 8.0,
@@ -58,20 +93,14 @@ def sketch_walk_prefill_triton(query: torch.Tensor, key: torch.Tensor, *, block_
     """Steps 1-7 for one sparse layer. query (B, H, n, d), key (B, H_kv, n, d) (after RoPE, any float dtype);
     srht_matrix (k', d) fp32 for key_summary "mean"; r_prev (B, G_prev, n_b, n_b) the previous sparse layer's R
     or None. Returns :class:`PrefillSelection` with lists (B, H_kv, n_b, max_kept) int32 / (B, H_kv, n_b) int32."""
-    b, h, n, d = query.shape
+    b = query.shape[0]
     hkv = key.shape[1]
-    pooled = block_pool_triton(query, key, block_size, key_summary)
-    sums = k_t = kmax = kmin = None
-    if key_summary == "mean":
-        if srht_matrix is None:
-            raise ValueError("key_summary mean needs the SRHT matrix")
-        st = srht_matrix.t()
-        q_t = torch.matmul(pooled.q_bar, st)                                     # step 2 (sketch.srht)
-        sums, k_t = pooled.ka, torch.matmul(pooled.kb, st)
-        part = block_transition_partials(q_t, k_t, None, scale, select_per, head_split=head_split)
-    else:
-        kmax, kmin = pooled.ka, pooled.kb
-        part = block_transition_partials(pooled.q_bar, kmax, kmin, scale, select_per, head_split=head_split)
+    ops = _pool_operands(query, key, block_size, scale, key_summary, srht_matrix)
+    pooled = ops.pooled
+    mean = key_summary == "mean"
+    sums, k_t = (pooled.ka, ops.k_t) if mean else (None, None)
+    kmax, kmin = (None, None) if mean else (pooled.ka, pooled.kb)
+    part = _transition(ops, scale, select_per, head_split=head_split)               # step 4
     split, _, gp, nb, _ = part.shape
 
     budget = n_sink + n_local + top_k
@@ -111,13 +140,8 @@ def stage_callables(query: torch.Tensor, key: torch.Tensor, *, block_size: int, 
     1) alone on inputs prepared once, for a timing breakdown (benchmarks/attention_speed.py). The row passes run
     in place on scratch copies, so repeated calls time the same work (values drift; only the cost matters).
     ``other_precisions``: also "transition@<p>" for each dot precision p (not a stage: a comparison)."""
-    pooled = block_pool_triton(query, key, block_size, key_summary)
-    if key_summary == "mean":
-        st = srht_matrix.t()
-        qp, ka, kb = torch.matmul(pooled.q_bar, st), torch.matmul(pooled.kb, st), None
-    else:
-        qp, ka, kb = pooled.q_bar, pooled.ka, pooled.kb
-    part = block_transition_partials(qp, ka, kb, scale, select_per)
+    ops = _pool_operands(query, key, block_size, scale, key_summary, srht_matrix)
+    part = _transition(ops, scale, select_per)
     split, b, gp, nb, _ = part.shape
     hkv = key.shape[1]
     budget = n_sink + n_local + top_k
@@ -129,12 +153,18 @@ def stage_callables(query: torch.Tensor, key: torch.Tensor, *, block_size: int, 
     w = torch.empty(b, gp, nb, nb, dtype=torch.float32, device=query.device)
     row_pass_triton(part, mode, sparsity_exponent, out=w)
     c_buf = torch.empty_like(w)
-    fns = {"pool": lambda: block_pool_triton(query, key, block_size, key_summary),
-           "transition": lambda: block_transition_partials(qp, ka, kb, scale, select_per, out=part_scratch)}
+    pooled = ops.pooled
+    half_scale = scale * LOG2E if ops.prescaled else None
+    fns = {"pool": lambda: block_pool_triton(query, key, block_size, key_summary, half_scale=half_scale),
+           "transition": lambda: _transition(ops, scale, select_per, out=part_scratch)}
+    # the comparisons take fp32 operands (an fp16 one is rounded by the transition's wrapper, as before the fusion)
+    q32, ka32, kb32 = (pooled.q_bar.float() / half_scale, pooled.ka, pooled.kb) if half_scale else \
+        (ops.qp, ops.ka, ops.kb)
     for prec in other_precisions:
-        fns[f"transition@{prec}"] = lambda prec=prec: block_transition_partials(qp, ka, kb, scale, select_per,
-                                                                                precision=prec, out=part_scratch)
+        fns[f"transition@{prec}"] = lambda prec=prec: block_transition_partials(
+            q32, ka32, kb32, scale, select_per, precision=prec, out=part_scratch)
     if key_summary == "mean":
+        st = srht_matrix.t()
         fns["srht"] = lambda: (torch.matmul(pooled.q_bar, st), torch.matmul(pooled.kb, st))
     if walk_damping == 0.0:
         fns["sharpen_select"] = lambda: row_pass_triton(part_scratch, mode, sparsity_exponent, out=w, **sel)

@@ -13,7 +13,7 @@ lives in registers. In order, each enabled by a flag:
     (score, index) -- score = max(x, 0) with NaN -> 0 and +inf -> FLT_MAX, ties to the higher index; rows
     with i + 1 <= n_sink + n_local + top_k, or i >= n_b - dense_last, are dense. The threshold (the top_k-th
     largest candidate) comes from top_k max-reductions over unique int64 keys (fp32 bits << 32 | j;
-    non-negative floats order as their bits) when top_k <= 32, else from a bisection on the fp32 bit pattern
+    non-negative floats order as their bits) when top_k <= 8, else from a bisection on the fp32 bit pattern
     (31 count-reductions) with ties at the threshold resolved by a reverse cumulative count; the kept
     set is written ascending through a cumulative sum (scatter), -1 past the count, to every key head of the
     group (select_per "layer": all H_kv heads get the same list).
@@ -30,7 +30,11 @@ import triton.language as tl
 
 from ._launch import pow2
 
-ITERATIVE_MAX_K = 32                  # top_k up to this: TOP_K max-reductions; above: 31-step bisection
+# top_k up to this: TOP_K int64 max-reductions; above: the 31-step bisection (int32 count-reductions). Measured
+# on the H100 at top_k 16 (benchmarks/results/selection_speed_*.json): the bisection 0.070 ms vs 0.096 at n_b
+# 2048, 0.024 vs 0.028 at 1024, so one int64 max-reduction costs about three count-reductions: the crossover
+# lies near top_k 10.
+ITERATIVE_MAX_K = 8
 
 
 @triton.jit(do_not_specialize=["N_BLOCKS", "MAX_KEPT", "DENSE_FROM"])
@@ -45,7 +49,7 @@ def _row_select_kernel(
     MODE: tl.constexpr,             # 0: as read; 1: rownorm; 2: softmax(s_exp * log x)
     WRITE: tl.constexpr,
     SELECT: tl.constexpr,
-    ITERATIVE: tl.constexpr,        # top-k by TOP_K max-reductions (TOP_K <= 32) instead of the 31-step bisection
+    ITERATIVE: tl.constexpr,        # top-k by TOP_K max-reductions (small TOP_K) instead of the 31-step bisection
     BLOCK_N: tl.constexpr,          # pow2 >= N_BLOCKS
 ):
     i = tl.program_id(0)
@@ -55,6 +59,8 @@ def _row_select_kernel(
     j = tl.arange(0, BLOCK_N)
     causal = j <= i                                   # (i < N_BLOCKS, so also j < N_BLOCKS)
 
+    # The causal mask makes the loads 4 bytes wide (i varies per program) but skips the upper triangle: half
+    # the bytes. Unmasked 16-byte loads of whole rows measured slower (benchmarks/NOTES.md, session 5).
     x_ptr = X + b * stride_xb + gp * stride_xg + i.to(tl.int64) * stride_xm + j
     x = tl.load(x_ptr, mask=causal, other=0.0)
     for sp in range(1, SPLIT):
@@ -110,17 +116,21 @@ def _row_select_kernel(
 
 
 def _warps(block_n: int) -> int:
-    return 4 if block_n <= 1024 else (8 if block_n <= 4096 else 16)
+    # H100, n_b 2048: 4 warps 0.070 ms, 8 warps 0.081 (selection), 0.014 vs 0.019 (sharpen)
+    return 4 if block_n <= 2048 else (8 if block_n <= 4096 else 16)
 
 
 def row_pass_triton(x: torch.Tensor, mode: int = 0, s_exp: float = 1.0, out: Optional[torch.Tensor] = None,
                     lists: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, n_sink: int = 1, n_local: int = 1,
-                    top_k: int = 16, dense_last: int = 0) -> None:
+                    top_k: int = 16, dense_last: int = 0, num_warps: Optional[int] = None,
+                    iterative: Optional[bool] = None) -> None:
     """One launch over the rows of x: (S, B, G', n_b, n_b) partials or (B, G', n_b, n_b), fp32, last stride 1.
 
     ``mode`` 0 / 1 (rownorm) / 2 (sharpen by ``s_exp``); ``out`` (B, G', n_b, n_b) fp32 (last stride 1, may be
     x itself when S = 1) receives the rows; ``lists`` = (block_idx (B, H_kv, n_b, max_kept) int32, block_cnt
     (B, H_kv, n_b) int32), both last stride 1, receive the selection (module docstring), H_kv a multiple of G'.
+    ``num_warps`` / ``iterative`` (top-k by max-reductions instead of the bisection): launch choices, for the
+    benchmarks.
     """
     if x.dim() == 4:
         x = x.unsqueeze(0)
@@ -156,8 +166,9 @@ def row_pass_triton(x: torch.Tensor, mode: int = 0, s_exp: float = 1.0, out: Opt
         o.stride(0), o.stride(1), o.stride(2),
         *i_strides, *c_strides,
         gp, hkv, nb, split, max_kept, n_sink, n_local, top_k, dense_from,
-        MODE=int(mode), WRITE=out is not None, SELECT=lists is not None, ITERATIVE=top_k <= ITERATIVE_MAX_K,
-        BLOCK_N=bn, num_warps=_warps(bn))
+        MODE=int(mode), WRITE=out is not None, SELECT=lists is not None,
+        ITERATIVE=(top_k <= ITERATIVE_MAX_K) if iterative is None else bool(iterative),
+        BLOCK_N=bn, num_warps=num_warps or _warps(bn))
 
 
 def select_blocks_triton(scores: torch.Tensor, n_sink: int, n_local: int, top_k: int, dense_last: int = 0,

@@ -12,6 +12,15 @@ n_b = 2048), tiles above the diagonal are written as zeros without any product.
 
 Grid (row tiles reversed, column tiles, B * G'). Products are tl.dot in TF32 on the GPU (R, W >= 0: no
 cancellation, ~1e-3 relative at worst per entry, far below what changes a top-k; the interpreter is exact fp32).
+``precision="bf16"`` rounds both tiles to bf16 in registers first (fp32's exponent range, so no probability
+flushes; 8-bit mantissa, ~4e-3 relative): 0.045 vs 0.105 ms at 128K on the H100, with 99.8% of rows keeping
+the same top-16 set on the benchmark's layer (benchmarks/NOTES.md, session 5). An option, not the default:
+TF32 keeps the lists closer to the torch reference's.
+
+Bounds: when n_b is a multiple of 128 (every tile size here divides it: 8K, 16K, ... tokens at block 64) the
+loads and stores carry no masks (``EVEN``). The masks are on the contiguous dimension, and n_b is not
+specialised (see :mod:`._launch`), so Triton cannot prove them constant over 16 bytes and would issue 4-byte
+accesses instead of 16-byte ones.
 """
 from __future__ import annotations
 
@@ -24,6 +33,9 @@ import triton.language as tl
 
 from ._launch import pow2
 
+WALK_PRECISIONS = ("tf32", "tf32x3", "ieee", "bf16")
+EVEN_MULTIPLE = 128             # n_b a multiple of this: every tile size divides it (no bounds masks)
+
 
 @triton.jit(do_not_specialize=["N_BLOCKS", "nb_key"])
 def _walk_step_kernel(
@@ -34,9 +46,10 @@ def _walk_step_kernel(
     stride_cb, stride_cg, stride_cm,
     GP, N_BLOCKS,
     nb_key,                          # autotune key only
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr,          # tl.dot input precision, or "bf16": tiles rounded to bf16
     BLOCK: tl.constexpr,             # square output tiles (so the k range is whole tiles)
     BLOCK_K: tl.constexpr,           # divides BLOCK
+    EVEN: tl.constexpr,              # N_BLOCKS % BLOCK == 0: no bounds masks
 ):
     n_tiles = tl.cdiv(N_BLOCKS, BLOCK)
     pid_m = n_tiles - 1 - tl.program_id(0)             # long k ranges first
@@ -56,16 +69,28 @@ def _walk_step_kernel(
     k_hi = tl.minimum(N_BLOCKS, (pid_m + 1) * BLOCK)   # empty range above the diagonal (pid_n > pid_m)
     for k0 in range(pid_n * BLOCK, k_hi, BLOCK_K):
         ks = k0 + offs_k
-        k_ok = ks < N_BLOCKS
-        r = tl.load(r_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_base + ks[:, None].to(tl.int64) * stride_wm + cols[None, :],
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(r, w, acc, input_precision=DOT_PREC)
-    mask = row_ok[:, None] & col_ok[None, :]
-    w_ij = tl.load(w_base + rows[:, None].to(tl.int64) * stride_wm + cols[None, :], mask=mask, other=0.0)
-    c = (1.0 - beta) * w_ij + beta * acc
-    tl.store(C + b * stride_cb + gp * stride_cg + rows[:, None].to(tl.int64) * stride_cm + cols[None, :], c,
-             mask=mask)
+        r_ptrs = r_base + ks[None, :]
+        w_ptrs = w_base + ks[:, None].to(tl.int64) * stride_wm + cols[None, :]
+        if EVEN:
+            r = tl.load(r_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = ks < N_BLOCKS
+            r = tl.load(r_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_PREC == "bf16":
+            acc = tl.dot(r.to(tl.bfloat16), w.to(tl.bfloat16), acc)
+        else:
+            acc = tl.dot(r, w, acc, input_precision=DOT_PREC)
+    wij_ptrs = w_base + rows[:, None].to(tl.int64) * stride_wm + cols[None, :]
+    c_ptrs = C + b * stride_cb + gp * stride_cg + rows[:, None].to(tl.int64) * stride_cm + cols[None, :]
+    if EVEN:
+        c = (1.0 - beta) * tl.load(wij_ptrs) + beta * acc
+        tl.store(c_ptrs, c)
+    else:
+        mask = row_ok[:, None] & col_ok[None, :]
+        c = (1.0 - beta) * tl.load(wij_ptrs, mask=mask, other=0.0) + beta * acc
+        tl.store(c_ptrs, c, mask=mask)
 
 
 def _interpret() -> bool:
@@ -84,14 +109,17 @@ _tuned: Dict[int, object] = {}
 
 def _tuned_kernel():
     if 0 not in _tuned:
-        _tuned[0] = triton.autotune(configs=candidate_configs(), key=["nb_key", "DOT_PREC"])(_walk_step_kernel)
+        _tuned[0] = triton.autotune(configs=candidate_configs(), key=["nb_key", "DOT_PREC", "EVEN"])(_walk_step_kernel)
     return _tuned[0]
 
 
 def walk_step_triton(r: torch.Tensor, w: torch.Tensor, beta: float, out: Optional[torch.Tensor] = None,
-                     config: Optional[dict] = None, precision: Optional[str] = None) -> torch.Tensor:
+                     config: Optional[dict] = None, precision: Optional[str] = None,
+                     unmasked: bool = True) -> torch.Tensor:
     """C = (1 - beta) W + beta R @ W (module docstring). r (B, 1 or G', n_b, n_b), w (B, G', n_b, n_b) fp32,
-    lower triangular; returns C (B, G', n_b, n_b) fp32 (``out`` when given; it must not alias r or w)."""
+    lower triangular; returns C (B, G', n_b, n_b) fp32 (``out`` when given; it must not alias r or w).
+    ``precision``: one of :data:`WALK_PRECISIONS` (default: TF32, or $SKETCH_WALK_SELECT_DOT's tf32x3 / ieee).
+    ``unmasked=False`` keeps the bounds masks even where n_b allows without (benchmarks compare the two)."""
     from .block_transition import dot_precision
     if w.dim() != 4 or r.dim() != 4 or r.shape[0] != w.shape[0] or r.shape[2:] != w.shape[2:] or \
             r.shape[1] not in (1, w.shape[1]) or w.shape[2] != w.shape[3]:
@@ -110,6 +138,9 @@ def walk_step_triton(r: torch.Tensor, w: torch.Tensor, beta: float, out: Optiona
     prec = precision or dot_precision()
     if prec == "fp16":      # R and W are probabilities down to ~1e-30: fp16 would flush them; the walk is cheap
         prec = "tf32"
+    if prec not in WALK_PRECISIONS:
+        raise ValueError(f"walk precision {prec!r}: one of {', '.join(WALK_PRECISIONS)}")
+    even = unmasked and nb % EVEN_MULTIPLE == 0
     pinned = config
     if pinned is None and _interpret():
         pinned = {"BLOCK": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
@@ -117,6 +148,7 @@ def walk_step_triton(r: torch.Tensor, w: torch.Tensor, beta: float, out: Optiona
         bl = int(pinned["BLOCK"])
         t = triton.cdiv(nb, bl)
         _walk_step_kernel[(t, t, b * gp)](*args, DOT_PREC=prec, BLOCK=bl, BLOCK_K=int(pinned.get("BLOCK_K", bl)),
+                                         EVEN=even and EVEN_MULTIPLE % bl == 0,
                                          num_warps=int(pinned.get("num_warps", 4)),
                                          num_stages=int(pinned.get("num_stages", 2)))
         return out
@@ -124,7 +156,7 @@ def walk_step_triton(r: torch.Tensor, w: torch.Tensor, beta: float, out: Optiona
     def grid(m):
         t = triton.cdiv(nb, m["BLOCK"])
         return (t, t, b * gp)
-    _tuned_kernel()[grid](*args, DOT_PREC=prec)
+    _tuned_kernel()[grid](*args, DOT_PREC=prec, EVEN=even)
     return out
 
 
