@@ -190,20 +190,20 @@ class SketchWalkSelector(BlockSelector):
         self._head_dim = d
         bs = c.block_size
         nb = num_blocks(n, bs)
-        rows_ids = torch.arange(nb, device=query.device)
         scale = self._scale(module, d)
         if self.state.batch_size != b:
             self.reset(b)
 
+        from .block_sparse import resolve_backend
+        if c.selector == "sketchwalk" and resolve_backend(query.device, self.backend) == "triton":
+            return self._select_prefill_triton(layer_idx, query, key, scale)           # GPU: ~6 Triton launches
+        rows_ids = torch.arange(nb, device=query.device)
         if c.selector == "local":
             return self._lists(local_scores(nb, nb, query.device), rows_ids, hkv, c.dense_last_blocks)
         if c.selector == "oracle":
             mass = oracle_block_mass(query, key, bs, scale, c.select_per, causal=True,
                                      budget_bytes=self.score_budget_bytes)
             return self._lists(mass, rows_ids, hkv, c.dense_last_blocks)
-        from .block_sparse import resolve_backend
-        if resolve_backend(query.device, self.backend) == "triton":                      # GPU: ~6 Triton launches
-            return self._select_prefill_triton(layer_idx, query, key, scale)
 
         r = h // hkv
         rows = block_rows(n, bs, device=query.device)
