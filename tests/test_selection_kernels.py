@@ -82,15 +82,17 @@ ROW_CASES: List[Dict] = [
          kind="ties"),
     dict(name="zeros_k5_sink0_local2", b=1, gp=1, hkv=4, nb=33, sink=0, local=2, k=5, dense_last=0, kind="zeros"),
     dict(name="special_values", b=1, gp=1, hkv=1, nb=40, sink=1, local=1, k=8, dense_last=0, kind="special"),
+    dict(name="special_values_k16_bisection", b=1, gp=1, hkv=1, nb=60, sink=1, local=1, k=16, dense_last=0,
+         kind="special"),
     dict(name="bisection_k40_ties", b=1, gp=1, hkv=2, nb=60, sink=1, local=1, k=40, dense_last=0, kind="ties"),
     dict(name="all_dense_k16", b=1, gp=1, hkv=1, nb=7, sink=1, local=1, k=16, dense_last=0, kind="rand"),
     dict(name="sharpen8_split3", b=2, gp=1, hkv=2, nb=21, sink=1, local=1, k=4, dense_last=0, kind="rand", mode=2,
          s=8.0, split=3),
     dict(name="rownorm_kvhead", b=1, gp=2, hkv=2, nb=21, sink=1, local=1, k=4, dense_last=0, kind="rand", mode=1),
-    # n_b a power of two: unmasked whole-row loads and stores
-    dict(name="even_nb32_sharpen_split2", b=1, gp=1, hkv=2, nb=32, sink=1, local=1, k=4, dense_last=0,
+    # n_b a power of two (one row fills the BLOCK_N lanes)
+    dict(name="pow2_nb32_sharpen_split2", b=1, gp=1, hkv=2, nb=32, sink=1, local=1, k=4, dense_last=0,
          kind="rand", mode=2, s=8.0, split=2),
-    dict(name="even_nb64_ties_kvhead", b=1, gp=2, hkv=2, nb=64, sink=1, local=2, k=6, dense_last=2, kind="ties",
+    dict(name="pow2_nb64_ties_kvhead", b=1, gp=2, hkv=2, nb=64, sink=1, local=2, k=6, dense_last=2, kind="ties",
          mode=1),
 ]
 

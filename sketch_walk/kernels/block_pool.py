@@ -18,7 +18,8 @@ size B, n_b = ceil(n / B) blocks, the last one partial with c_i = min(B, n - i B
 Shapes: q (B, H, n, d), k (B, H_kv, n, d), any strides with the last one 1 (a model's (B, n, H, d)
 transposed view is read in place). Outputs are contiguous.
 
-Kernel layout: one program per (key block i, sequence b, key head g, stream s), grid (n_b, B * H_kv, r + 1):
+Kernel layout: one program per (key block i, sequence b, key head g, stream s), grid (n_b, B * H_kv, r + 1)
+(``blocks_per_prog`` p > 1: p consecutive blocks a program, grid (ceil(n_b / p), B * H_kv, r + 1)):
 stream s < r averages query head g r + s, stream s = r summarises key head g, so every byte of Q and K is
 read exactly once, in one launch (at 128K tokens, Llama-3.1-8B: 1 GiB of bf16 Q + 0.25 GiB of K, ~0.45 ms
 at H100 bandwidth: the floor of the whole selection). Each program streams its block through a 2-D
@@ -38,6 +39,13 @@ import triton
 import triton.language as tl
 
 from ._launch import check_block_size, pow2, unit_stride
+
+
+@triton.jit
+def _clamp_fp16(x):
+    """fp16(clamp(x, +-65504)) with NaN kept NaN, as torch.clamp does (tl.maximum alone would drop it)."""
+    x = tl.maximum(x, -65504.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, 65504.0, propagate_nan=tl.PropagateNan.ALL).to(tl.float16)
 
 
 @triton.jit(do_not_specialize=["N_CTX", "N_BLOCKS"])
@@ -80,7 +88,7 @@ def _block_pool_kernel(
                 q_row = ((b * H_KV * GROUP + head) * N_BLOCKS + blk) * HEAD_DIM
                 q_mean = tl.sum(acc, axis=0) * (1.0 / count.to(tl.float32))
                 if HALF_OUT:
-                    q_mean = tl.minimum(tl.maximum(q_mean * q_scale, -65504.0), 65504.0).to(tl.float16)
+                    q_mean = _clamp_fp16(q_mean * q_scale)
                 tl.store(QBar + q_row + offs_d, q_mean, mask=d_ok)
             else:
                 out_row = (bg.to(tl.int64) * N_BLOCKS + blk) * HEAD_DIM   # (b, g, blk) row of (B, H_kv, n_b, d)
@@ -112,9 +120,9 @@ def _block_pool_kernel(
                     tl.store(KB + out_row + offs_d, k_lo, mask=d_ok)
                     if HALF_OUT:
                         tl.store(KA16 + out_row + offs_d,
-                                 tl.minimum(tl.maximum(k_hi, -65504.0), 65504.0).to(tl.float16), mask=d_ok)
+                                 _clamp_fp16(k_hi), mask=d_ok)
                         tl.store(KB16 + out_row + offs_d,
-                                 tl.minimum(tl.maximum(k_lo, -65504.0), 65504.0).to(tl.float16), mask=d_ok)
+                                 _clamp_fp16(k_lo), mask=d_ok)
                 if bg == 0:
                     tl.store(Counts + blk, count.to(tl.float64))
 

@@ -76,7 +76,8 @@ def _score_chunk(acc, QP, KA, KB, q_off, k_off, rows, row_ok, cols, kk, stride_q
     koff = k_off + cols[:, None].to(tl.int64) * stride_km + offs_k[None, :]
     ka = tl.load(KA + koff, mask=kmask, other=0.0)
     if DOT_PREC == "fp16":
-        # fp16 operands, already scaled by the wrapper (qk_scale is 1): fp16 dots with fp32 accumulation
+        # fp16 operands, already scaled by the wrapper or the pooling kernel (qk_scale is 1): fp16 dots with
+        # fp32 accumulation
         if MINMAX:
             kb = tl.load(KB + koff, mask=kmask, other=0.0)
             acc = tl.dot(tl.maximum(q, 0.0).to(tl.float16), tl.trans(ka), acc)

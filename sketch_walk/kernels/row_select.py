@@ -31,8 +31,8 @@ import triton.language as tl
 from ._launch import pow2
 
 # top_k up to this: TOP_K int64 max-reductions; above: the 31-step bisection (int32 count-reductions). Measured
-# on the H100 at top_k 16 (benchmarks/results/selection_speed_*.json): the bisection 0.070 ms vs 0.096 at n_b
-# 2048, 0.024 vs 0.028 at 1024, so one int64 max-reduction costs about three count-reductions: the crossover
+# on the H100 at top_k 16 (benchmarks/results/selection_speed_*.json), 4 warps: the bisection 0.070 ms vs 0.096
+# at n_b 2048, 0.025 vs 0.027 at 1024, so one int64 max-reduction costs about three count-reductions: the crossover
 # lies near top_k 10.
 ITERATIVE_MAX_K = 8
 

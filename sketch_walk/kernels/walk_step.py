@@ -100,8 +100,11 @@ def _interpret() -> bool:
 def candidate_configs() -> list:
     """GPU autotune space: (BLOCK, BLOCK_K, num_warps, num_stages); fp32 stages of 2 x BLOCK x BLOCK_K.
     Compiled for sm_90: 64/32 w4 s3 48 KB, 128/32 w8 s3 96 KB, no spills (BLOCK_K 64 spilled: left out)."""
-    return [triton.Config({"BLOCK": bl, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    cfgs = [triton.Config({"BLOCK": bl, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bl, bk, w, s in ((64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4))]
+    # EVEN (no bounds masks) is decided once for all configs: each BLOCK must divide EVEN_MULTIPLE
+    assert all(EVEN_MULTIPLE % c.kwargs["BLOCK"] == 0 and c.kwargs["BLOCK"] % c.kwargs["BLOCK_K"] == 0 for c in cfgs)
+    return cfgs
 
 
 _tuned: Dict[int, object] = {}
@@ -145,9 +148,11 @@ def walk_step_triton(r: torch.Tensor, w: torch.Tensor, beta: float, out: Optiona
     if pinned is None and _interpret():
         pinned = {"BLOCK": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
     if pinned is not None:
-        bl = int(pinned["BLOCK"])
+        bl, bk = int(pinned["BLOCK"]), int(pinned.get("BLOCK_K", pinned["BLOCK"]))
+        if bl < 16 or bl & (bl - 1) or bk < 16 or bl % bk:
+            raise ValueError(f"walk config BLOCK {bl} / BLOCK_K {bk}: powers of two >= 16, BLOCK_K dividing BLOCK")
         t = triton.cdiv(nb, bl)
-        _walk_step_kernel[(t, t, b * gp)](*args, DOT_PREC=prec, BLOCK=bl, BLOCK_K=int(pinned.get("BLOCK_K", bl)),
+        _walk_step_kernel[(t, t, b * gp)](*args, DOT_PREC=prec, BLOCK=bl, BLOCK_K=bk,
                                          EVEN=even and EVEN_MULTIPLE % bl == 0,
                                          num_warps=int(pinned.get("num_warps", 4)),
                                          num_stages=int(pinned.get("num_stages", 2)))
