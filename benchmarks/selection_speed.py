@@ -72,33 +72,28 @@ def profile_kernels(fn, reps: int = 5) -> list:
     return rows
 
 
-def walk_agreement(sel_cfg, q, k, r_prev) -> dict:
-    """Lists from the TF32 walk and the bf16 walk on the same W and R_prev: identical kept sets per row, and
-    the TF32 walk mass that the bf16 lists keep, relative to what the TF32 lists keep."""
-    from sketch_walk.kernels.prefill_selection import _pool_operands, _transition
+def walk_agreement(cfg, w, r_prev) -> dict:
+    """Lists from the TF32 walk and the bf16 walk on the same W (B, G', n_b, n_b) and R_prev: identical kept sets
+    per row, and the TF32 walk mass that the bf16 lists keep, relative to what the TF32 lists keep."""
     from sketch_walk.kernels.row_select import row_pass_triton
     from sketch_walk.kernels.walk_step import walk_step_triton
     from sketch_walk.selection import max_kept_for
-    c = sel_cfg
-    ops = _pool_operands(q, k, BS, 1.0 / math.sqrt(D), "minmax", None)
-    part = _transition(ops, 1.0 / math.sqrt(D), c.select_per)
-    nb = part.shape[-1]
-    w = torch.empty(part.shape[1:], dtype=torch.float32, device=q.device)
-    row_pass_triton(part, 2, c.sparsity_exponent, out=w)
+    nb = w.shape[-1]
+    dev = w.device
     out = {}
     for prec in ("tf32", "bf16"):
-        cmat = walk_step_triton(r_prev, w, c.walk_damping, precision=prec)
-        idx = torch.empty(1, HKV, nb, max_kept_for(nb, c.n_sink + c.n_local + c.top_k_blocks, 0),
-                          dtype=torch.int32, device=q.device)
-        cnt = torch.empty(1, HKV, nb, dtype=torch.int32, device=q.device)
-        row_pass_triton(cmat, 1, out=cmat, lists=(idx, cnt), n_sink=c.n_sink, n_local=c.n_local,
-                        top_k=c.top_k_blocks)
+        cmat = walk_step_triton(r_prev, w, cfg.walk_damping, precision=prec)
+        idx = torch.empty(1, HKV, nb, max_kept_for(nb, cfg.n_sink + cfg.n_local + cfg.top_k_blocks, 0),
+                          dtype=torch.int32, device=dev)
+        cnt = torch.empty(1, HKV, nb, dtype=torch.int32, device=dev)
+        row_pass_triton(cmat, 1, out=cmat, lists=(idx, cnt), n_sink=cfg.n_sink, n_local=cfg.n_local,
+                        top_k=cfg.top_k_blocks)
         out[prec] = (cmat, idx[:, :1], cnt[:, :1])
     r32, i32, c32 = out["tf32"]
     _, i16, c16 = out["bf16"]
     same = (torch.equal(c32, c16), (i32 == i16).all(-1))
-    valid32 = torch.arange(i32.shape[-1], device=q.device) < c32.unsqueeze(-1)
-    valid16 = torch.arange(i16.shape[-1], device=q.device) < c16.unsqueeze(-1)
+    valid32 = torch.arange(i32.shape[-1], device=dev) < c32.unsqueeze(-1)
+    valid16 = torch.arange(i16.shape[-1], device=dev) < c16.unsqueeze(-1)
 
     def mass(idx, valid):
         vals = torch.gather(r32[:, :1].double(), -1, torch.where(valid, idx, 0).long())
@@ -189,7 +184,7 @@ def run_length(n: int, top_k: int, res: dict, dev: str = "cuda") -> None:
             _timed(walk, f"{wp},{name}", lambda wp=wp, kw=kw: walk_step_triton(
                 r_prev, w_mat, cfg.walk_damping, out=c_buf, precision=wp, config=kw))
     try:
-        row["walk_bf16_agreement"] = walk_agreement(cfg, q, k, r_prev)
+        row["walk_bf16_agreement"] = walk_agreement(cfg, w_mat, r_prev)
         print(f"    bf16 walk agreement: {row['walk_bf16_agreement']}", flush=True)
     except Exception as e:
         row["walk_bf16_agreement"] = f"{type(e).__name__}: {str(e)[:200]}"

@@ -52,9 +52,8 @@ class PrefillSelection(NamedTuple):
 class _Operands(NamedTuple):
     pooled: PooledBlocks
     qp: torch.Tensor                 # Qbar, Qtil (mean) or the fp16 scaled Qbar (prescaled)
-    ka: torch.Tensor
+    ka: torch.Tensor                 # Kmax, Ktil (mean: the decode state's k_t) or its fp16 copy
     kb: Optional[torch.Tensor]
-    k_t: Optional[torch.Tensor]
     prescaled: bool
 
 
@@ -68,13 +67,12 @@ def _pool_operands(query: torch.Tensor, key: torch.Tensor, block_size: int, scal
             raise ValueError("key_summary mean needs the SRHT matrix")
         pooled = block_pool_triton(query, key, block_size, key_summary)
         st = srht_matrix.t()
-        k_t = torch.matmul(pooled.kb, st)                                       # step 2 (sketch.srht)
-        return _Operands(pooled, torch.matmul(pooled.q_bar, st), k_t, None, k_t, False)
+        return _Operands(pooled, torch.matmul(pooled.q_bar, st), torch.matmul(pooled.kb, st), None, False)  # step 2
     if dot_precision(nb) == "fp16":
         pooled = block_pool_triton(query, key, block_size, key_summary, half_scale=scale * LOG2E)
-        return _Operands(pooled, pooled.q_bar, pooled.ka16, pooled.kb16, None, True)
+        return _Operands(pooled, pooled.q_bar, pooled.ka16, pooled.kb16, True)
     pooled = block_pool_triton(query, key, block_size, key_summary)
-    return _Operands(pooled, pooled.q_bar, pooled.ka, pooled.kb, None, False)
+    return _Operands(pooled, pooled.q_bar, pooled.ka, pooled.kb, False)
 
 
 def _transition(ops: _Operands, scale: float, select_per: str, **kw) -> torch.Tensor:
@@ -98,7 +96,7 @@ def sketch_walk_prefill_triton(query: torch.Tensor, key: torch.Tensor, *, block_
     ops = _pool_operands(query, key, block_size, scale, key_summary, srht_matrix)
     pooled = ops.pooled
     mean = key_summary == "mean"
-    sums, k_t = (pooled.ka, ops.k_t) if mean else (None, None)
+    sums, k_t = (pooled.ka, ops.ka) if mean else (None, None)
     kmax, kmin = (None, None) if mean else (pooled.ka, pooled.kb)
     part = _transition(ops, scale, select_per, head_split=head_split)               # step 4
     split, _, gp, nb, _ = part.shape
