@@ -601,3 +601,28 @@ def test_select_prefill_triton_vs_torch_gpu(case):
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker()
+
+
+@cuda_only
+def test_tuned_kernel_second_launch_skips_autotuner(monkeypatch):
+    """TunedKernel (sketch_walk.kernels._launch): the first launch of a key goes through the Autotuner, later
+    ones call the kernel with the chosen config directly: the Autotuner is not entered again and the output
+    equals a launch pinned to that config."""
+    from sketch_walk.kernels import walk_step as ws
+    g = torch.Generator(device="cuda").manual_seed(_fresh_seed())
+    nb = 200 + int(torch.randint(0, 56, (1,), generator=g, device="cuda"))
+    r = torch.rand(1, 1, nb, nb, device="cuda", generator=g).tril()
+    w = torch.rand(1, 2, nb, nb, device="cuda", generator=g).tril()
+    first = ws.walk_step_triton(r, w, 0.25)
+    tuned = ws._tuned_kernel()
+    key = (ws.pow2(nb), "tf32", False)
+    assert key in tuned.chosen
+
+    def no_autotune(*a, **k):
+        raise AssertionError("the Autotuner ran for a key it had tuned")
+    monkeypatch.setattr(tuned.tuner, "run", no_autotune)
+    again = ws.walk_step_triton(r, w, 0.25)
+    pinned = ws.walk_step_triton(r, w, 0.25, config=tuned.chosen[key])
+    assert torch.equal(again, first) and torch.equal(again, pinned)
+    ref = ws.walk_step_reference(r.double(), w.double(), 0.25)
+    assert float((again.double() - ref).norm() / ref.norm()) <= GPU["walk"]

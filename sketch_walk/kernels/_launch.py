@@ -11,14 +11,33 @@ stay specialised.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
+import triton
 
 
 def pow2(x: int) -> int:
     """Smallest power of two >= x (1 for x <= 1)."""
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side grids (triton.cdiv, a ConstexprFunction, costs ~1.7 us a host call, this ~0.1 us)."""
+    return -(-a // b)
+
+
+_SM_COUNT: Dict[int, int] = {}
+
+
+def sm_count(device: torch.device, default: int = 132) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the properties call is not free), else ``default``."""
+    if device.type != "cuda":
+        return default
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNT[i]
 
 
 def check_block_size(block_size: int) -> None:
@@ -34,3 +53,37 @@ def unit_stride(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
 def int32_lists(block_idx: torch.Tensor, block_cnt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Kept-block lists as the kernels read them: int32, unit stride along the last dim."""
     return unit_stride(block_idx.to(torch.int32), block_cnt.to(torch.int32))
+
+
+def config_kwargs(cfg) -> dict:
+    """A triton.Config as launch keyword arguments (its constexprs plus num_warps, num_stages, ...)."""
+    if hasattr(cfg, "all_kwargs"):
+        return dict(cfg.all_kwargs())
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+class TunedKernel:
+    """A Triton kernel autotuned over ``configs``, launched through triton's Autotuner only the first time a
+    ``key`` is seen; later launches with that key call the kernel with the config the Autotuner chose.
+
+    Why: Autotuner.run rebuilds a dict of every argument and scans its argument list for each key at every
+    call, about 20-30 us of host time for our 20-30 argument kernels (the H100 host, measured with
+    benchmarks/host_overhead.py), where the kernel launch itself costs ~16 us. At short prompts the
+    selection is host-bound (6 launches for ~0.07 ms of GPU work at 8K tokens), so this is visible time.
+    ``key`` must determine the Autotuner's own key (its key arguments and the tensor dtypes) for the
+    remembered config to be the one tuned for it; any config of the space is correct for any input, so a
+    coarser key could cost speed, never results.
+    """
+
+    def __init__(self, kernel, configs: list, key: list):
+        self.kernel = kernel
+        self.tuner = triton.autotune(configs=configs, key=key)(kernel)
+        self.chosen: Dict[tuple, dict] = {}
+
+    def __call__(self, grid: Callable[[dict], tuple], key: tuple, *args, **meta) -> None:
+        chosen = self.chosen.get(key)
+        if chosen is None:
+            self.tuner[grid](*args, **meta)
+            self.chosen[key] = config_kwargs(self.tuner.best_config)
+        else:
+            self.kernel[grid](*args, **meta, **chosen)

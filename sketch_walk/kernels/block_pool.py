@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_block_size, pow2, unit_stride
+from ._launch import cdiv, check_block_size, pow2, unit_stride
 
 
 @triton.jit
@@ -204,7 +204,7 @@ def block_pool_triton(q: torch.Tensor, k: torch.Tensor, block_size: int, key_sum
     bt = block_t or max(1, 4096 // bd)
     bt = min(pow2(bt), block_size)
     bpp = max(1, int(blocks_per_prog))
-    grid = (triton.cdiv(nb, bpp), b * hkv, h // hkv + 1)
+    grid = (cdiv(nb, bpp), b * hkv, h // hkv + 1)
     _block_pool_kernel[grid](q, k, q_bar, ka, kb, counts, ka16, kb16, float(half_scale or 1.0),
                              q.stride(0), q.stride(1), q.stride(2),
                              k.stride(0), k.stride(1), k.stride(2),

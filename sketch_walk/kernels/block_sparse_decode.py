@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_block_size, int32_lists, pow2, unit_stride
+from ._launch import cdiv, check_block_size, int32_lists, pow2, sm_count, unit_stride
 
 _LOG2E = 1.4426950408889634
 
@@ -124,16 +124,8 @@ def _decode_reduce_kernel(
     tl.store(Lse + row, tl.where(seen, (m_safe + tl.math.log2(den_safe)) * 0.6931471805599453, float("-inf")))
 
 
-_SM_COUNT = {}
-
-
 def _target_programs(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SM_COUNT:
-        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return 2 * _SM_COUNT[i]
+    return 2 * sm_count(device, default=4)
 
 
 def block_sparse_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -180,8 +172,8 @@ def block_sparse_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     bd = max(16, pow2(d))
     if blocks_per_split is None:
-        blocks_per_split = max(1, triton.cdiv(max_kept * b * h_kv, _target_programs(q.device)))
-    splits = triton.cdiv(max_kept, blocks_per_split)
+        blocks_per_split = max(1, cdiv(max_kept * b * h_kv, _target_programs(q.device)))
+    splits = cdiv(max_kept, blocks_per_split)
     opart = torch.empty(b * h, splits, bd, dtype=torch.float32, device=q.device)
     lpart = torch.empty(b * h, splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(splits, b * h_kv)](

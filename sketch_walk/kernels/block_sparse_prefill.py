@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_block_size, int32_lists, pow2, unit_stride
+from ._launch import TunedKernel, cdiv, check_block_size, int32_lists, pow2, unit_stride
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -235,15 +235,15 @@ def candidate_configs(group: int, block_size: int, head_dim: int, windowed: bool
 # was right, as was the interpreter. A finite running-max start did not change it.
 WINDOW_NUM_STAGES = 1
 
-_tuned: Dict[Tuple[int, int, int, bool], object] = {}
+_tuned: Dict[Tuple[int, int, int, bool], TunedKernel] = {}
 
 
-def _tuned_kernel(group: int, block_size: int, head_dim: int, windowed: bool):
+def _tuned_kernel(group: int, block_size: int, head_dim: int, windowed: bool) -> TunedKernel:
     key = (group, block_size, head_dim, windowed)
     if key not in _tuned:
-        _tuned[key] = triton.autotune(configs=candidate_configs(group, block_size, head_dim, windowed),
-                                      key=["nb_key", "kept_key", "GROUP", "BLOCK_SIZE", "HEAD_DIM"])(
-            _block_sparse_prefill_kernel)
+        _tuned[key] = TunedKernel(_block_sparse_prefill_kernel,
+                                  candidate_configs(group, block_size, head_dim, windowed),
+                                  ["nb_key", "kept_key", "GROUP", "BLOCK_SIZE", "HEAD_DIM"])
     return _tuned[key]
 
 
@@ -323,7 +323,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         pinned = {"HPP": default_hpp(group, block_size, d), "KPI": 2, "num_warps": 4, "num_stages": 1}
     if pinned is not None:
         hpp, kpi = int(pinned["HPP"]), int(pinned.get("KPI", 1))
-        grid = (b * h_kv * triton.cdiv(group, hpp), nb)
+        grid = (b * h_kv * cdiv(group, hpp), nb)
         _block_sparse_prefill_kernel[grid](*args, **meta, HPP=hpp, KPI=kpi, BLOCK_M=pow2(hpp * block_size),
                                            num_warps=int(pinned.get("num_warps", 4)),
                                            num_stages=WINDOW_NUM_STAGES if window else
@@ -331,7 +331,8 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         return out, lse
 
     def grid(META):
-        return (b * h_kv * triton.cdiv(group, META["HPP"]), nb)
+        return (b * h_kv * cdiv(group, META["HPP"]), nb)
 
-    _tuned_kernel(group, block_size, d, bool(window))[grid](*args, **meta)
+    key = (pow2(nb), pow2(max_kept), q.dtype, block_idx.dtype)    # the Autotuner's key (group etc. pick the tuner)
+    _tuned_kernel(group, block_size, d, bool(window))(grid, key, *args, **meta)
     return out, lse

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from ..errors import UsageError
-from ._launch import pow2
+from ._launch import TunedKernel, cdiv, pow2, sm_count
 
 LOG2E = 1.4426950408889634
 _FP16_MAX = 65504.0
@@ -262,15 +262,15 @@ def candidate_configs(block_d: int, minmax: bool, half: bool = False) -> list:
     return cfgs
 
 
-_tuned: Dict[Tuple[str, int, bool, bool], object] = {}
+_tuned: Dict[Tuple[str, int, bool, bool], TunedKernel] = {}
 
 
-def _tuned_kernel(which: str, block_d: int, minmax: bool, half: bool):
+def _tuned_kernel(which: str, block_d: int, minmax: bool, half: bool) -> TunedKernel:
     key = (which, block_d, minmax, half)
     if key not in _tuned:
         kern = _transition_stats_kernel if which == "stats" else _transition_mean_kernel
-        _tuned[key] = triton.autotune(configs=candidate_configs(block_d, minmax, half),
-                                      key=["nb_key", "GROUP", "DIM", "MINMAX", "DOT_PREC"])(kern)
+        _tuned[key] = TunedKernel(kern, candidate_configs(block_d, minmax, half),
+                                  ["nb_key", "GROUP", "DIM", "MINMAX", "DOT_PREC"])
     return _tuned[key]
 
 
@@ -283,12 +283,6 @@ def default_head_split(n_b: int, batch: int, groups: int, heads_out: int, n_sm: 
     while s * 2 <= heads_out and tiles * s * 2 <= 4 * n_sm:
         s *= 2
     return s
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +342,7 @@ def block_transition_partials(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[t
         qp = qp.float().contiguous()
         ka = ka.float().contiguous()
         kb = kb.float().contiguous() if minmax else ka
-    split = head_split or default_head_split(nb, b, gp, heads_out, _sm_count(dev))
+    split = head_split or default_head_split(nb, b, gp, heads_out, sm_count(dev))
     split = max(1, min(int(split), heads_out))
     hps = (heads_out + split - 1) // split
     lse = torch.empty(b, h, nb, dtype=torch.float32, device=dev)
@@ -374,14 +368,15 @@ def block_transition_partials(qp: torch.Tensor, ka: torch.Tensor, kb: Optional[t
         bk = min(int(pinned.get("BLOCK_K", 32)), bd)
         kw = dict(meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=int(pinned.get("num_warps", 4)),
                   num_stages=int(pinned.get("num_stages", 2)))
-        _transition_stats_kernel[(triton.cdiv(nb, bm), b * h)](*a1, **kw)
-        _transition_mean_kernel[(triton.cdiv(nb, bm), triton.cdiv(nb, bn), b * gp * split)](*a2, **kw)
+        _transition_stats_kernel[(cdiv(nb, bm), b * h)](*a1, **kw)
+        _transition_mean_kernel[(cdiv(nb, bm), cdiv(nb, bn), b * gp * split)](*a2, **kw)
         return out
 
     half = prec == "fp16"
-    _tuned_kernel("stats", bd, minmax, half)[lambda m: (triton.cdiv(nb, m["BLOCK_M"]), b * h)](*a1, **meta)
-    _tuned_kernel("mean", bd, minmax, half)[
-        lambda m: (triton.cdiv(nb, m["BLOCK_M"]), triton.cdiv(nb, m["BLOCK_N"]), b * gp * split)](*a2, **meta)
+    key = (pow2(nb), group, dim, prec, qp.dtype)         # the Autotuner's key (its arguments and dtypes)
+    _tuned_kernel("stats", bd, minmax, half)(lambda m: (cdiv(nb, m["BLOCK_M"]), b * h), key, *a1, **meta)
+    _tuned_kernel("mean", bd, minmax, half)(
+        lambda m: (cdiv(nb, m["BLOCK_M"]), cdiv(nb, m["BLOCK_N"]), b * gp * split), key, *a2, **meta)
     return out
 
 

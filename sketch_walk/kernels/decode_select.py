@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import pow2, unit_stride
+from ._launch import cdiv, pow2, unit_stride
 
 #: tile sizes (tests shrink them to exercise several tiles at small n_b)
 DEFAULT_CONFIG: Dict[str, int] = dict(BLOCK_N=32, BLOCK_D=32, BLOCK_J=128, BLOCK_I=128, SUB_I=32, BLOCK_J2=64,
@@ -337,9 +337,9 @@ def decode_select_triton(q: torch.Tensor, summ_a: torch.Tensor, summ_b: Optional
     dense = nb <= budget
 
     bn, bj, bi = cfg["BLOCK_N"], cfg["BLOCK_J"], cfg["BLOCK_I"]
-    T = triton.cdiv(nb, bn)
-    R = max(1, triton.cdiv(nb - 1, bi))
-    TJ = triton.cdiv(nb, bj)
+    T = cdiv(nb, bn)
+    R = max(1, cdiv(nb - 1, bi))
+    TJ = cdiv(nb, bj)
     new = torch.full if POISON_SCRATCH else (lambda shape, fill, **kw: torch.empty(shape, **kw))
     f32 = dict(dtype=torch.float32, device=dev)
     s_buf = new((bsz, h, nb), float("nan"), **f32)
@@ -382,7 +382,7 @@ def decode_select_triton(q: torch.Tensor, summ_a: torch.Tensor, summ_b: Optional
         MINMAX=minmax, FOLD=fold, NEW_BLOCK=int(bool(new_block) and fold), BLOCK_I=bi, BLOCK_J=bj, SUB_I=cfg["SUB_I"],
         num_warps=cfg["num_warps"])
     bj2 = cfg["BLOCK_J2"]
-    _head_mean_kernel[(triton.cdiv(nb, bj2), bsz * g_w)](
+    _head_mean_kernel[(cdiv(nb, bj2), bsz * g_w)](
         s_buf, tmax, tsum, hp, a_buf, hop, nb, T, R, h, g_w,
         NH=nh, BLOCK_H=pow2(nh), BLOCK_T=min(cfg["BLOCK_T"], pow2(T)), BLOCK_J=bj2, HAS_HOP=has_prev,
         num_warps=cfg["num_warps"])

@@ -14,7 +14,8 @@ list widths from shapes, so CUDA-graph capturable):
   5. :mod:`.walk_step`         C = (1 - beta) W + beta R_prev W (lower-triangular tiles only)   [beta > 0]
   6. :mod:`.row_select`        R = rownorm(C), in place, and the kept-block lists               [beta > 0]
 (walk_steps > 1 repeats 5-6; the first sparse layer, R_prev = identity, has R = rownorm(W) in step 6, no 5.)
-Plus ~10 tensor allocations (torch.empty, no kernels). The torch path launches ~50-100 kernels a layer.
+Plus ~9 tensor allocations (torch.empty, no kernels); autotuned launches skip the Autotuner once a size was tuned
+(:class:`._launch.TunedKernel`). The torch path launches ~50-100 kernels a layer.
 
 Differences from the torch path, all below what an order-only selection sees: fp32 sums in another order
 (pooling), TF32 dot products on the GPU, fp16 operands from 1536 key blocks on (:mod:`.block_transition`), the

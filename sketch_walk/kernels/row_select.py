@@ -120,6 +120,17 @@ def _warps(block_n: int) -> int:
     return 4 if block_n <= 2048 else (8 if block_n <= 4096 else 16)
 
 
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """A 1-element int32 tensor per device for the list pointers of a launch without lists (saves an allocation)."""
+    t = _PLACEHOLDERS.get(device)
+    if t is None:
+        t = _PLACEHOLDERS[device] = torch.empty(1, dtype=torch.int32, device=device)
+    return t
+
+
 def row_pass_triton(x: torch.Tensor, mode: int = 0, s_exp: float = 1.0, out: Optional[torch.Tensor] = None,
                     lists: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, n_sink: int = 1, n_local: int = 1,
                     top_k: int = 16, dense_last: int = 0, num_warps: Optional[int] = None,
@@ -156,7 +167,7 @@ def row_pass_triton(x: torch.Tensor, mode: int = 0, s_exp: float = 1.0, out: Opt
         c_strides = (cnt.stride(0), cnt.stride(1))
         dense_from = nb - dense_last if dense_last > 0 else nb
     else:
-        idx = cnt = torch.empty(1, dtype=torch.int32, device=x.device)
+        idx = cnt = _placeholder(x.device)            # never read: SELECT is off
         hkv, max_kept, i_strides, c_strides, dense_from = gp, 0, (0, 0, 0), (0, 0), nb
     o = out if out is not None else x[0]
     bn = max(16, pow2(nb))

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import pow2
+from ._launch import TunedKernel, cdiv, pow2
 
 WALK_PRECISIONS = ("tf32", "tf32x3", "ieee", "bf16")
 EVEN_MULTIPLE = 128             # n_b a multiple of this: every tile size divides it (no bounds masks)
@@ -107,12 +107,12 @@ def candidate_configs() -> list:
     return cfgs
 
 
-_tuned: Dict[int, object] = {}
+_tuned: Dict[int, TunedKernel] = {}
 
 
-def _tuned_kernel():
+def _tuned_kernel() -> TunedKernel:
     if 0 not in _tuned:
-        _tuned[0] = triton.autotune(configs=candidate_configs(), key=["nb_key", "DOT_PREC", "EVEN"])(_walk_step_kernel)
+        _tuned[0] = TunedKernel(_walk_step_kernel, candidate_configs(), ["nb_key", "DOT_PREC", "EVEN"])
     return _tuned[0]
 
 
@@ -151,7 +151,7 @@ def walk_step_triton(r: torch.Tensor, w: torch.Tensor, beta: float, out: Optiona
         bl, bk = int(pinned["BLOCK"]), int(pinned.get("BLOCK_K", pinned["BLOCK"]))
         if bl < 16 or bl & (bl - 1) or bk < 16 or bl % bk:
             raise ValueError(f"walk config BLOCK {bl} / BLOCK_K {bk}: powers of two >= 16, BLOCK_K dividing BLOCK")
-        t = triton.cdiv(nb, bl)
+        t = cdiv(nb, bl)
         _walk_step_kernel[(t, t, b * gp)](*args, DOT_PREC=prec, BLOCK=bl, BLOCK_K=bk,
                                          EVEN=even and EVEN_MULTIPLE % bl == 0,
                                          num_warps=int(pinned.get("num_warps", 4)),
@@ -159,9 +159,9 @@ def walk_step_triton(r: torch.Tensor, w: torch.Tensor, beta: float, out: Optiona
         return out
 
     def grid(m):
-        t = triton.cdiv(nb, m["BLOCK"])
+        t = cdiv(nb, m["BLOCK"])
         return (t, t, b * gp)
-    _tuned_kernel()[grid](*args, DOT_PREC=prec, EVEN=even)
+    _tuned_kernel()(grid, (pow2(nb), prec, even), *args, DOT_PREC=prec, EVEN=even)
     return out
 
 
