@@ -10,7 +10,8 @@ overhead, so an eager loop runs at the host's speed. This script measures, at Ll
     an autotuner with one config) and a small torch.empty, so launches and allocations can be costed;
   * a cProfile table (tottime) of the selection calls.
 
-Usage: python benchmarks/host_overhead.py [--lengths 8192 16384 32768] [--reps 100] [--out FILE]
+Usage: python benchmarks/host_overhead.py [--lengths 8192 16384 32768] [--reps 100] [--repeat 5]
+       [--code OTHER_CHECKOUT] [--out FILE]
 Writes benchmarks/results/host_overhead_<gpu>.json: GPU, CPU, versions, command, date, every raw figure.
 """
 from __future__ import annotations
@@ -18,11 +19,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
+import importlib
 import io
 import json
 import os
 import platform
 import pstats
+import statistics
 import sys
 import time
 
@@ -31,23 +34,33 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+if "--code" in sys.argv:           # before sketch_walk is imported: another checkout's code (an A/B of versions)
+    sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--code") + 1]))
+    importlib.import_module("sketch_walk")      # cached now: attention_speed's own path insert cannot override it
 
 from attention_speed import BS, D, H, HKV  # noqa: E402
 
 
-def host_us(fn, reps: int) -> dict:
-    """Host us per call (calls enqueued without a sync) and the wall us per call once the GPU caught up."""
+def host_us(fn, reps: int, repeat: int = 5) -> dict:
+    """Host us per call: ``reps`` calls enqueued without a sync, wall time / reps; ``repeat`` such batches,
+    median and min kept (the host's speed drifts between batches). wall_us: per call once the GPU caught up
+    (median batch); gpu_bound: the GPU still had work queued after the host finished (then host_us is the
+    GPU's pace, not the host's)."""
     fn()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    host, wall = (t1 - t0) / reps * 1e6, (t2 - t0) / reps * 1e6
-    # the GPU set the pace if it still had work queued after the host finished
-    return {"host_us": round(host, 2), "wall_us": round(wall, 2), "gpu_bound": (t2 - t1) > 0.2 * (t1 - t0)}
+    hosts, walls, bound = [], [], 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        hosts.append((t1 - t0) / reps * 1e6)
+        walls.append((t2 - t0) / reps * 1e6)
+        bound += (t2 - t1) > 0.2 * (t1 - t0)
+    return {"host_us": round(statistics.median(hosts), 2), "host_us_min": round(min(hosts), 2),
+            "wall_us": round(statistics.median(walls), 2), "gpu_bound": bound > repeat // 2}
 
 
 def cpu_name() -> str:
@@ -75,7 +88,7 @@ def trivial_kernels():
     return _noop, tuned
 
 
-def run_length(n: int, reps: int, res: dict) -> None:
+def run_length(n: int, reps: int, repeat: int, res: dict) -> None:
     from sketch_walk import SketchWalkConfig, SketchWalkSelector
     from sketch_walk.kernels.block_sparse_prefill import block_sparse_attention_triton
     from sketch_walk.kernels.prefill_selection import stage_callables
@@ -114,7 +127,7 @@ def run_length(n: int, reps: int, res: dict) -> None:
     calls["torch copy_ (4 KB)"] = lambda: buf.copy_(buf)
     row["host"] = {}
     for name, fn in calls.items():
-        row["host"][name] = host_us(fn, reps)
+        row["host"][name] = host_us(fn, reps, repeat)
         print(f"[{n}] {name:45s} {row['host'][name]}", flush=True)
 
     prof = cProfile.Profile()
@@ -135,7 +148,9 @@ def run_length(n: int, reps: int, res: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768])
-    ap.add_argument("--reps", type=int, default=100, help="calls enqueued per figure")
+    ap.add_argument("--reps", type=int, default=100, help="calls enqueued per batch")
+    ap.add_argument("--repeat", type=int, default=5, help="batches per figure (median and min reported)")
+    ap.add_argument("--code", default=None, help="import sketch_walk from this folder (A/B of two versions)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -148,10 +163,12 @@ def main() -> None:
            "command": " ".join(["python3"] + sys.argv),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "method": host_us.__doc__, "lengths": {}}
+    import sketch_walk
+    res["sketch_walk_from"] = os.path.dirname(os.path.dirname(os.path.abspath(sketch_walk.__file__)))
     out = args.out or os.path.join(HERE, "results", "host_overhead_%s.json" % gpu.replace(" ", "_"))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for n in args.lengths:
-        run_length(n, args.reps, res["lengths"])
+        run_length(n, args.reps, args.repeat, res["lengths"])
         tmp = out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(res, f, indent=1)

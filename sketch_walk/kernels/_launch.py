@@ -67,9 +67,10 @@ class TunedKernel:
     ``key`` is seen; later launches with that key call the kernel with the config the Autotuner chose.
 
     Why: Autotuner.run rebuilds a dict of every argument and scans its argument list for each key at every
-    call, about 20-30 us of host time for our 20-30 argument kernels (the H100 host, measured with
-    benchmarks/host_overhead.py), where the kernel launch itself costs ~16 us. At short prompts the
-    selection is host-bound (6 launches for ~0.07 ms of GPU work at 8K tokens), so this is visible time.
+    call. On the H100 machine's host (benchmarks/host_overhead.py, A/B in one call) skipping it took the
+    walk's launch from 44 to 29 us and the transition's two from 110-121 to 74-81 us; an empty kernel's
+    launch costs ~15 us, 22 through an Autotuner. At short prompts the selection is host-bound (6 launches
+    for ~0.07 ms of GPU work at 8K tokens), so this is visible time.
     ``key`` must determine the Autotuner's own key (its key arguments and the tensor dtypes) for the
     remembered config to be the one tuned for it; any config of the space is correct for any input, so a
     coarser key could cost speed, never results.
