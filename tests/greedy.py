@@ -1,9 +1,16 @@
 """Greedy generation on a model's own KV cache, for tests that compare attention paths token by token."""
 from __future__ import annotations
 
+import inspect
 from typing import List, Tuple
 
 import torch
+
+
+def cache_kw(model) -> str:
+    """The forward argument that takes the KV cache: ``cache`` in newer transformers (``past_key_values`` is
+    deprecated there), ``past_key_values`` before (as eval/ruler/pred/model_wrappers.py decides)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def greedy_run(model, ids: torch.Tensor, steps: int) -> Tuple[torch.Tensor, List[int]]:
@@ -11,6 +18,7 @@ def greedy_run(model, ids: torch.Tensor, steps: int) -> Tuple[torch.Tensor, List
     layers keep their window-sized cache). Returns (logits of every prompt position and of each step,
     (n + steps, vocab); the generated tokens)."""
     toks: List[int] = []
+    kw = cache_kw(model)
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
         logits = [out.logits[0]]
@@ -18,7 +26,7 @@ def greedy_run(model, ids: torch.Tensor, steps: int) -> Tuple[torch.Tensor, List
         nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
             toks.append(int(nxt))
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, **{kw: cache}, use_cache=True)
             cache = out.past_key_values
             logits.append(out.logits[0])
             nxt = out.logits[:, -1:].argmax(-1)

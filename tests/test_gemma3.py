@@ -27,7 +27,6 @@ from sketch_walk.block_sparse import attended_pairs_prefill, causal_pairs
 from sketch_walk.errors import UsageError
 from greedy import greedy_run
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _sub in ("eval/ruler/pred", "eval/ruler/data"):      # RULER's scripts import each other by file name

@@ -22,7 +22,6 @@ from seer_attn.train_gates import block_ground_truth, kl_rows, read_corpus, spli
 from sketch_walk.errors import UsageError
 from greedy import greedy_run
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CKPT = os.path.join(REPO, "seer_attn", "checkpoints", "smollm2")

@@ -12,6 +12,8 @@ from sketch_walk import ATTN_NAME, SketchWalkConfig, enable_sketch_walk, enable_
 from sketch_walk.errors import UsageError
 from sketch_walk.hook import sparse_attention_forward
 
+from greedy import cache_kw
+
 NEEDLE_TEXT = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * 6
                + "One of the special magic numbers for quiet-lake is: 4817263. "
                + "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * 3
@@ -164,7 +166,7 @@ def test_refusals(smol_clean):
     with torch.no_grad():
         out = model(ids[:, :40], use_cache=True)
         with pytest.raises(UsageError, match="chunked prefill"):
-            model(ids[:, 40:], past_key_values=out.past_key_values)
+            model(ids[:, 40:], **{cache_kw(model): out.past_key_values})
 
 
 def test_prompt_shorter_than_one_block_and_block_crossing(smol_clean):
