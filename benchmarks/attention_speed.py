@@ -24,12 +24,9 @@ Writes benchmarks/results/attention_speed_<gpu>.json (or --out): GPU, versions, 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import re
 import sys
 import time
 import traceback
@@ -40,6 +37,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from sketch_walk.block_sparse import attended_keys_decode, attended_pairs_prefill, causal_pairs  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import header, results_path, write_json  # noqa: E402
 
 H, HKV, D, BS = 32, 8, 128, 64
 
@@ -541,14 +541,11 @@ def main() -> None:
     top_ks = args.top_k or ([16] if args.quick else [8, 16, 32])
     dec_lengths = [] if args.no_decode else (args.decode_lengths or lengths)
     import triton
-    gpu = torch.cuda.get_device_name()
-    res = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "geometry": {"H": H, "H_kv": HKV, "d": D, "block_size": BS, "dtype": "bfloat16", "batch": 1},
-           "timing": "triton.testing.do_bench median (CUDA events, L2 flushed); decode *_graph_ms: CUDA-graph "
-                     "replay of 20 steps / 20",
-           "peak_mb": "max_memory_allocated during one call minus memory allocated before it"}
+    res = header(geometry={"H": H, "H_kv": HKV, "d": D, "block_size": BS, "dtype": "bfloat16", "batch": 1},
+                 timing="triton.testing.do_bench median (CUDA events, L2 flushed); decode *_graph_ms: CUDA-graph "
+                        "replay of 20 steps / 20",
+                 peak_mb="max_memory_allocated during one call minus memory allocated before it")
+    gpu = res["gpu"]
     from sketch_walk.kernels.block_transition import dot_precision
     # block_transition's operands (SKETCH_WALK_SELECT_DOT; "auto": by the number of key blocks)
     res["select_dot_precision"] = {n: dot_precision(n // BS) for n in (8192, 16384, 32768, 65536, 131072)}
@@ -578,11 +575,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     res["skipped_for_time"] = skipped
     res["wall_s"] = time.time() - t0
-    out = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                   "attention_speed_%s.json" % re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_"))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
+    out = results_path("attention_speed", gpu, args.out)
+    write_json(res, out)
     try:
         print(table(res))
     except Exception:

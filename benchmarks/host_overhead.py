@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime
 import importlib
 import io
-import json
 import os
 import platform
 import pstats
@@ -39,6 +37,7 @@ if "--code" in sys.argv:           # before sketch_walk is imported: another che
     importlib.import_module("sketch_walk")      # cached now: attention_speed's own path insert cannot override it
 
 from attention_speed import BS, D, H, HKV  # noqa: E402
+from results_io import header, results_path, write_json  # noqa: E402
 
 
 def host_us(fn, reps: int, repeat: int = 5) -> dict:
@@ -156,23 +155,13 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("host_overhead.py: needs a CUDA GPU; none is visible", file=sys.stderr)
         sys.exit(2)
-    import triton
-    gpu = torch.cuda.get_device_name()
-    res = {"gpu": gpu, "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-           "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "command": " ".join(["python3"] + sys.argv),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "method": host_us.__doc__, "lengths": {}}
+    res = header(cpu=cpu_name(), cpu_count=os.cpu_count(), method=host_us.__doc__, lengths={})
     import sketch_walk
     res["sketch_walk_from"] = os.path.dirname(os.path.dirname(os.path.abspath(sketch_walk.__file__)))
-    out = args.out or os.path.join(HERE, "results", "host_overhead_%s.json" % gpu.replace(" ", "_"))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    out = results_path("host_overhead", res["gpu"], args.out)
     for n in args.lengths:
         run_length(n, args.reps, args.repeat, res["lengths"])
-        tmp = out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, out)
+        write_json(res, out)
         print(f"wrote {out}", flush=True)
 
 

@@ -15,11 +15,7 @@ Writes benchmarks/results/model_speed_<gpu>.json (or --out).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import re
 import sys
 import time
 
@@ -27,6 +23,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from results_io import header, results_path, write_json  # noqa: E402
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_act="silu",
@@ -111,21 +110,17 @@ def main() -> None:
     else:
         lengths = args.lengths or [32768, 65536, 131072]
     import transformers
-    import triton
     from sketch_walk import SketchWalkConfig, enable_sketch_walk
     gpu = torch.cuda.get_device_name()
     t_start = time.time()
     model, cfg = build_model(args.layers)
     sw_cfg = SketchWalkConfig()
-    res = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-           "transformers": transformers.__version__, "python": platform.python_version(),
-           "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "model": "Llama-3.1-8B config, random init, bf16", "layers": args.layers,
-           "layers_note": f"{args.layers} of Llama-3.1-8B's 32 layers",
-           "sketch_walk_config": sw_cfg.to_dict(), "reps": args.reps,
-           "timing": "CUDA events around model(input_ids, use_cache=False, logits_to_keep=1); median after 1 warm-up",
-           "rows": {}}
+    res = header(transformers=transformers.__version__, model="Llama-3.1-8B config, random init, bf16",
+                 layers=args.layers, layers_note=f"{args.layers} of Llama-3.1-8B's 32 layers",
+                 sketch_walk_config=sw_cfg.to_dict(), reps=args.reps,
+                 timing="CUDA events around model(input_ids, use_cache=False, logits_to_keep=1); median after 1 "
+                        "warm-up",
+                 rows={})
     print(f"{gpu}: model with {args.layers} layers built in {time.time() - t_start:.0f} s", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     n_sparse = max(0, args.layers - sw_cfg.dense_layers)
@@ -162,11 +157,8 @@ def main() -> None:
         del ids
         torch.cuda.empty_cache()
     res["wall_s"] = time.time() - t_start
-    out = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                   "model_speed_%s.json" % re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_"))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
+    out = results_path("model_speed", gpu, args.out)
+    write_json(res, out)
     print(f"\nGPU {gpu}; Llama-3.1-8B config, {args.layers} layers, random init, bf16, prefill, last-position logits")
     print("  n    | dense ms | SketchWalk ms | speedup | ceiling (dense layers + matmuls) | density")
     for n, r in res["rows"].items():

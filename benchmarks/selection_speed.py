@@ -21,11 +21,8 @@ Writes benchmarks/results/selection_speed_<gpu>.json: GPU, versions, command, da
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import sys
 import time
 import traceback
@@ -37,6 +34,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from attention_speed import BS, D, H, HKV, bench_ms, graph_step_ms  # noqa: E402
+from results_io import header, results_path, write_json  # noqa: E402
 
 
 def _cfg_name(cfg) -> str:
@@ -223,16 +221,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("selection_speed.py: needs a CUDA GPU (the Triton selection kernels); none is visible", file=sys.stderr)
         sys.exit(2)
-    import triton
-    gpu = torch.cuda.get_device_name()
-    res = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "command": " ".join(["python3"] + sys.argv),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "geometry": {"heads": H, "kv_heads": HKV, "head_dim": D, "block": BS, "dtype": "bfloat16",
-                        "top_k_blocks": args.top_k},
-           "timing": "triton.testing.do_bench median, L2 flushed before each run", "lengths": {}}
-    out = args.out or os.path.join(HERE, "results", "selection_speed_%s.json" % gpu.replace(" ", "_"))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    res = header(geometry={"heads": H, "kv_heads": HKV, "head_dim": D, "block": BS, "dtype": "bfloat16",
+                           "top_k_blocks": args.top_k},
+                 timing="triton.testing.do_bench median, L2 flushed before each run", lengths={})
+    out = results_path("selection_speed", res["gpu"], args.out)
     t0 = time.time()
     for n in args.lengths:
         try:
@@ -242,10 +234,7 @@ def main() -> None:
             res["lengths"].setdefault(str(n), {})["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             traceback.print_exc()
         res["wall_s"] = time.time() - t0
-        tmp = out + ".tmp"                  # after every length, whole: a run cut short keeps what it measured
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, out)
+        write_json(res, out)                # after every length: a run cut short keeps what it measured
         print(f"wrote {out}", flush=True)
 
 
