@@ -32,8 +32,11 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-if "--code" in sys.argv:           # before sketch_walk is imported: another checkout's code (an A/B of versions)
-    sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--code") + 1]))
+_code = argparse.ArgumentParser(add_help=False)
+_code.add_argument("--code", default=None)
+_CODE = _code.parse_known_args()[0].code
+if _CODE:                          # before sketch_walk is imported: another checkout's code (an A/B of versions)
+    sys.path.insert(0, os.path.abspath(_CODE))
     importlib.import_module("sketch_walk")      # cached now: attention_speed's own path insert cannot override it
 
 from attention_speed import BS, D, H, HKV  # noqa: E402
@@ -82,8 +85,9 @@ def trivial_kernels():
         offs = tl.arange(0, BLOCK)
         tl.store(x_ptr + offs, tl.zeros([BLOCK], tl.float32), mask=offs < n)
 
-    tuned = triton.autotune(configs=[triton.Config({"BLOCK": 16}, num_warps=1)], key=["n"])(
-        triton.jit(_noop.fn))
+    # two configs: with one, Autotuner.run skips building its key, the per-call work TunedKernel avoids
+    tuned = triton.autotune(configs=[triton.Config({"BLOCK": 16}, num_warps=1),
+                                     triton.Config({"BLOCK": 16}, num_warps=2)], key=["n"])(triton.jit(_noop.fn))
     return _noop, tuned
 
 
@@ -121,7 +125,7 @@ def run_length(n: int, reps: int, repeat: int, res: dict) -> None:
     buf = torch.empty(64, device=dev)
     noop, noop_tuned = trivial_kernels()
     calls["empty triton kernel"] = lambda: noop[(1,)](buf, 64, BLOCK=16)
-    calls["empty triton kernel, autotuner (1 config)"] = lambda: noop_tuned[(1,)](buf, 64)
+    calls["empty triton kernel, autotuner (2 configs, tuned)"] = lambda: noop_tuned[(1,)](buf, 64)
     calls["torch.empty (4 KB)"] = lambda: torch.empty(1024, device=dev)
     calls["torch copy_ (4 KB)"] = lambda: buf.copy_(buf)
     row["host"] = {}

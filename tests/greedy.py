@@ -9,7 +9,8 @@ import torch
 
 def cache_kw(model) -> str:
     """The forward argument that takes the KV cache: ``cache`` in newer transformers (``past_key_values`` is
-    deprecated there), ``past_key_values`` before (as eval/ruler/pred/model_wrappers.py decides)."""
+    deprecated there), ``past_key_values`` before (as eval/ruler/pred/model_wrappers.py decides). The model's
+    output carries the cache under the same name."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -22,12 +23,12 @@ def greedy_run(model, ids: torch.Tensor, steps: int) -> Tuple[torch.Tensor, List
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
         logits = [out.logits[0]]
-        cache = out.past_key_values
+        cache = getattr(out, kw)
         nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
             toks.append(int(nxt))
             out = model(input_ids=nxt, **{kw: cache}, use_cache=True)
-            cache = out.past_key_values
+            cache = getattr(out, kw)
             logits.append(out.logits[0])
             nxt = out.logits[:, -1:].argmax(-1)
     return torch.cat(logits, 0), toks

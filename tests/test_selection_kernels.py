@@ -599,10 +599,6 @@ def test_select_prefill_triton_vs_torch_gpu(case):
     _check_pipeline(run_pipeline_case(case, "cuda", _fresh_seed()), GPU, exact_state=True)
 
 
-if __name__ == "__main__" and "--worker" in sys.argv:
-    _worker()
-
-
 @cuda_only
 def test_tuned_kernel_second_launch_skips_autotuner(monkeypatch):
     """TunedKernel (sketch_walk.kernels._launch): the first launch of a key goes through the Autotuner, later
@@ -613,10 +609,15 @@ def test_tuned_kernel_second_launch_skips_autotuner(monkeypatch):
     nb = 200 + int(torch.randint(0, 56, (1,), generator=g, device="cuda"))
     r = torch.rand(1, 1, nb, nb, device="cuda", generator=g).tril()
     w = torch.rand(1, 2, nb, nb, device="cuda", generator=g).tril()
-    first = ws.walk_step_triton(r, w, 0.25)
     tuned = ws._tuned_kernel()
-    key = (ws.pow2(nb), "tf32", False)
-    assert key in tuned.chosen
+    monkeypatch.setattr(tuned, "chosen", {})          # a key never seen, whatever ran before
+    entered = []
+    tuner_run = tuned.tuner.run
+    monkeypatch.setattr(tuned.tuner, "run", lambda *a, **k: (entered.append(1), tuner_run(*a, **k))[1])
+    first = ws.walk_step_triton(r, w, 0.25)
+    assert len(entered) == 1 and len(tuned.chosen) == 1
+    key = next(iter(tuned.chosen))
+    assert key[0] == ws.pow2(nb)
 
     def no_autotune(*a, **k):
         raise AssertionError("the Autotuner ran for a key it had tuned")
@@ -626,3 +627,8 @@ def test_tuned_kernel_second_launch_skips_autotuner(monkeypatch):
     assert torch.equal(again, first) and torch.equal(again, pinned)
     ref = ws.walk_step_reference(r.double(), w.double(), 0.25)
     assert float((again.double() - ref).norm() / ref.norm()) <= GPU["walk"]
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker()
+

@@ -166,7 +166,8 @@ def test_refusals(smol_clean):
     with torch.no_grad():
         out = model(ids[:, :40], use_cache=True)
         with pytest.raises(UsageError, match="chunked prefill"):
-            model(ids[:, 40:], **{cache_kw(model): out.past_key_values})
+            kw = cache_kw(model)
+            model(ids[:, 40:], **{kw: getattr(out, kw)})
 
 
 def test_prompt_shorter_than_one_block_and_block_crossing(smol_clean):

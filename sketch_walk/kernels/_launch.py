@@ -68,15 +68,18 @@ class TunedKernel:
 
     Why: Autotuner.run rebuilds a dict of every argument and scans its argument list for each key at every
     call. On the H100 machine's host (benchmarks/host_overhead.py, A/B in one call) skipping it took the
-    walk's launch from 44 to 29 us and the transition's two from 110-121 to 74-81 us; an empty kernel's
-    launch costs ~15 us, 22 through an Autotuner. At short prompts the selection is host-bound (6 launches
-    for ~0.07 ms of GPU work at 8K tokens), so this is visible time.
+    walk's launch from 44 to 29 us and the transition's two from 110-121 to 74-81 us (an empty kernel's
+    launch costs ~15 us). At short prompts the selection is host-bound (6 launches for ~0.07 ms of GPU work
+    at 8K tokens), so this is visible time. The direct launch skips what the Autotuner does around a launch
+    (config pre-hooks, reset_to_zero / restore_value, pruning): configs must not need any of it.
     ``key`` must determine the Autotuner's own key (its key arguments and the tensor dtypes) for the
     remembered config to be the one tuned for it; any config of the space is correct for any input, so a
     coarser key could cost speed, never results.
     """
 
     def __init__(self, kernel, configs: list, key: list):
+        if any(getattr(c, "pre_hook", None) for c in configs):
+            raise ValueError("TunedKernel launches configs directly: a config pre_hook would be skipped")
         self.kernel = kernel
         self.tuner = triton.autotune(configs=configs, key=key)(kernel)
         self.chosen: Dict[tuple, dict] = {}

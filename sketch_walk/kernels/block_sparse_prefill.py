@@ -333,6 +333,6 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     def grid(META):
         return (b * h_kv * cdiv(group, META["HPP"]), nb)
 
-    key = (pow2(nb), pow2(max_kept), q.dtype, block_idx.dtype)    # the Autotuner's key (group etc. pick the tuner)
+    key = (pow2(nb), pow2(max_kept), q.dtype, k.dtype, v.dtype)   # the Autotuner's key (group etc. pick the tuner)
     _tuned_kernel(group, block_size, d, bool(window))(grid, key, *args, **meta)
     return out, lse
