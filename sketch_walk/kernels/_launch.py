@@ -16,6 +16,8 @@ from typing import Callable, Dict, Tuple
 import torch
 import triton
 
+LOG2E = 1.4426950408889634      # log2(e): the kernels' softmaxes run in base 2 (exp2), scores scaled by it
+
 
 def pow2(x: int) -> int:
     """Smallest power of two >= x (1 for x <= 1)."""

@@ -28,9 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, check_block_size, int32_lists, pow2, sm_count, unit_stride
-
-_LOG2E = 1.4426950408889634
+from ._launch import LOG2E, cdiv, check_block_size, int32_lists, pow2, sm_count, unit_stride
 
 
 @triton.jit(do_not_specialize=["N_KEYS", "BPS", "NUM_SPLITS"])
@@ -177,7 +175,7 @@ def block_sparse_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     opart = torch.empty(b * h, splits, bd, dtype=torch.float32, device=q.device)
     lpart = torch.empty(b * h, splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(splits, b * h_kv)](
-        q, k_cache, v_cache, opart, lpart, block_idx, block_cnt, scale * _LOG2E,
+        q, k_cache, v_cache, opart, lpart, block_idx, block_cnt, scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -39,10 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import TunedKernel, cdiv, check_block_size, int32_lists, pow2, unit_stride
-
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+from ._launch import LOG2E, TunedKernel, cdiv, check_block_size, int32_lists, pow2, unit_stride
 
 
 @triton.jit
@@ -306,7 +303,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         return out.zero_(), lse.fill_(float("-inf"))
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     bd = max(16, pow2(d))
-    args = (q, k, v, out, lse, block_idx, block_cnt, scale * _LOG2E,
+    args = (q, k, v, out, lse, block_idx, block_cnt, scale * LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),

@@ -54,9 +54,8 @@ import triton
 import triton.language as tl
 
 from ..errors import UsageError
-from ._launch import TunedKernel, cdiv, pow2, sm_count
+from ._launch import LOG2E, TunedKernel, cdiv, pow2, sm_count
 
-LOG2E = 1.4426950408889634
 _FP16_MAX = 65504.0
 DOT_PRECISIONS = ("fp16", "tf32", "tf32x3", "ieee")
 
