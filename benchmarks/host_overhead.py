@@ -36,6 +36,10 @@ _code = argparse.ArgumentParser(add_help=False)
 _code.add_argument("--code", default=None)
 _CODE = _code.parse_known_args()[0].code
 if _CODE:                          # before sketch_walk is imported: another checkout's code (an A/B of versions)
+    if not os.path.isfile(os.path.join(_CODE, "sketch_walk", "__init__.py")):
+        print(f"host_overhead.py: --code {_CODE}: no sketch_walk/__init__.py there; give the folder that holds "
+              f"the other version's sketch_walk/", file=sys.stderr)
+        sys.exit(2)
     sys.path.insert(0, os.path.abspath(_CODE))
     importlib.import_module("sketch_walk")      # cached now: attention_speed's own path insert cannot override it
 
