@@ -7,6 +7,9 @@ build, with the triton it brought) is kept. The embedded default model comes fro
 """
 from setuptools import find_packages, setup
 
+# RULER's eval/ruler/eval/ (evaluate.py) is a namespace package on purpose (eval/ruler/__init__.py says why).
+RULER_NAMESPACES = ["eval.ruler.eval", "eval.ruler.eval.synthetic"]
+
 setup(
     name="sketchwalk-ruler",
     version="0.1.0",
@@ -14,8 +17,13 @@ setup(
     long_description=open("README_SKETCHWALK.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["sketch_walk", "sketch_walk.*", "seer_attn", "seer_attn.*"]),
-    package_data={"seer_attn": ["checkpoints/*/*.json", "checkpoints/*/*.safetensors"]},
+    # package_dir {"": "."}: the packages sit at the repository root, so an editable install adds the root to
+    # sys.path (a .pth file) and `eval`, `sketch_walk`, `seer_attn` import from any script's folder.
+    package_dir={"": "."},
+    packages=find_packages(include=["sketch_walk", "sketch_walk.*", "seer_attn", "seer_attn.*", "eval", "eval.*"])
+    + RULER_NAMESPACES,
+    package_data={"seer_attn": ["checkpoints/*/*.json", "checkpoints/*/*.safetensors"],
+                  "eval.ruler": ["*.yaml", "sweeps/*.yaml", "*.sh"]},
     install_requires=[
         "torch>=2.4,<3",
         "transformers>=4.56",

@@ -26,20 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 import traceback
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from results_io import header, results_path, write_json     # a sibling: benchmarks/ is the script's folder
+from sketch_walk.core.block_sparse import attended_keys_decode, attended_pairs_prefill, causal_pairs
 
-from sketch_walk.block_sparse import attended_keys_decode, attended_pairs_prefill, causal_pairs  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_io import header, results_path, write_json  # noqa: E402
 
 H, HKV, D, BS = 32, 8, 128, 64
 
@@ -222,7 +217,7 @@ def flex_fn(q, k, v, mask):
 
 def random_lists(nb: int, top_k: int, device):
     """sink + diagonal + top_k random causal blocks per row (fallback when the selector is missing)."""
-    from sketch_walk.block_sparse import mask_to_block_lists
+    from sketch_walk.core.block_sparse import mask_to_block_lists
     i = torch.arange(nb, device=device).view(nb, 1)
     j = torch.arange(nb, device=device).view(1, nb)
     score = torch.rand(nb, nb, device=device).masked_fill(j > i, -1.0)
@@ -243,7 +238,7 @@ def select_breakdown(sel, q, k) -> dict:
     fns = stage_callables(q, k, block_size=c.block_size, scale=1.0 / math.sqrt(D), key_summary=c.key_summary,
                           select_per=c.select_per, srht_matrix=s_mat, sparsity_exponent=c.sparsity_exponent,
                           walk_damping=c.walk_damping, r_prev=sel.state.walk_r, n_sink=c.n_sink,
-                          n_local=c.n_local, top_k=c.top_k_blocks, dense_last=c.dense_last_blocks,
+                          n_local=c.n_local, top_k_blocks=c.top_k_blocks, dense_last=c.dense_last_blocks,
                           other_precisions=("tf32", "fp16"))
     return {name: bench_ms(fn) for name, fn in fns.items()}
 
@@ -264,7 +259,7 @@ def rooflines() -> dict:
 
 
 def prefill_rows(n: int, top_ks, sweep: bool, res: dict, quick: bool) -> None:
-    from sketch_walk.kernels.block_sparse_prefill import block_sparse_attention_triton, candidate_configs
+    from sketch_walk.core.kernels.block_sparse_prefill import block_sparse_attention_triton, candidate_configs
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(n)
     q = torch.randn(1, H, n, D, device=dev, dtype=torch.bfloat16, generator=g)
@@ -390,7 +385,7 @@ def prefill_rows(n: int, top_ks, sweep: bool, res: dict, quick: bool) -> None:
 
 
 def decode_rows(n: int, top_ks, res: dict) -> None:
-    from sketch_walk.kernels.block_sparse_decode import block_sparse_decode_triton
+    from sketch_walk.core.kernels.block_sparse_decode import block_sparse_decode_triton
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(n + 1)
     kc = torch.randn(1, HKV, n, D, device=dev, dtype=torch.bfloat16, generator=g)
@@ -430,7 +425,7 @@ def decode_rows(n: int, top_ks, res: dict) -> None:
                 st = sel.state.layers[3]
 
                 def rewind():                                      # replay the same step: one token past the
-                    st.n = n - 1                                   # prompt (counts drift; harmless for timing)
+                    st.keys.n = n - 1                              # prompt (counts drift; harmless for timing)
                 rewind()
                 idx, cnt = sel.select_decode(3, None, q1, kc)
                 t["lists"] = "SketchWalkSelector.select_decode, layer 3"
@@ -442,12 +437,12 @@ def decode_rows(n: int, top_ks, res: dict) -> None:
                 m[..., 0] = True
                 m[..., -1] = True
                 m[..., torch.randperm(nb - 2, device=dev)[:tk] + 1] = True
-                from sketch_walk.block_sparse import mask_to_block_lists
+                from sketch_walk.core.block_sparse import mask_to_block_lists
                 idx, cnt = mask_to_block_lists(m.expand(1, HKV, nb).contiguous())
                 t["lists"] = "random: sink + last + top_k random blocks"
             t["keys"] = float(attended_keys_decode(idx, cnt, n, BS).mean())
             f_k = lambda: block_sparse_decode_triton(q1, kc, vc, idx, cnt, BS)  # noqa: E731
-            from sketch_walk.block_sparse import block_sparse_decode_reference
+            from sketch_walk.core.block_sparse import block_sparse_decode_reference
             t["ours_err_vs_ref"] = rel_err(f_k()[0], block_sparse_decode_reference(q1, kc, vc, idx, cnt, BS)[0])
             t["ours_ms"] = bench_ms(f_k, min_reps=50)
             t["ours_graph_ms"], _ = graph_step_ms(f_k)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib
 import io
 import os
 import platform
@@ -29,21 +28,22 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 _code = argparse.ArgumentParser(add_help=False)
 _code.add_argument("--code", default=None)
 _CODE = _code.parse_known_args()[0].code
-if _CODE:                          # before sketch_walk is imported: another checkout's code (an A/B of versions)
+if _CODE and os.environ.get("HOST_OVERHEAD_CODE") != os.path.abspath(_CODE):
+    # another checkout's code (an A/B of versions): run this script again with that folder first on PYTHONPATH,
+    # before anything imports sketch_walk (the checkout must have this layout: sketch_walk/core/)
     if not os.path.isfile(os.path.join(_CODE, "sketch_walk", "__init__.py")):
         print(f"host_overhead.py: --code {_CODE}: no sketch_walk/__init__.py there; give the folder that holds "
               f"the other version's sketch_walk/", file=sys.stderr)
         sys.exit(2)
-    sys.path.insert(0, os.path.abspath(_CODE))
-    importlib.import_module("sketch_walk")      # cached now: attention_speed's own path insert cannot override it
+    code = os.path.abspath(_CODE)
+    env = dict(os.environ, HOST_OVERHEAD_CODE=code,
+               PYTHONPATH=os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p))
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
-from attention_speed import BS, D, H, HKV  # noqa: E402
+from attention_speed import BS, D, H, HKV  # noqa: E402  (siblings: benchmarks/ is the script's folder)
 from results_io import header, results_path, write_json  # noqa: E402
 
 
@@ -97,7 +97,7 @@ def trivial_kernels():
 
 def run_length(n: int, reps: int, repeat: int, res: dict) -> None:
     from sketch_walk import SketchWalkConfig, SketchWalkSelector
-    from sketch_walk.kernels.block_sparse_prefill import block_sparse_attention_triton
+    from sketch_walk.core.kernels.block_sparse_prefill import block_sparse_attention_triton
     from sketch_walk.kernels.prefill_selection import stage_callables
 
     dev = "cuda"
@@ -123,7 +123,7 @@ def run_length(n: int, reps: int, repeat: int, res: dict) -> None:
     stages = stage_callables(q, k, block_size=BS, scale=scale, key_summary=cfg.key_summary,
                              select_per=cfg.select_per, sparsity_exponent=cfg.sparsity_exponent,
                              walk_damping=cfg.walk_damping, r_prev=sel.state.walk_r, n_sink=cfg.n_sink,
-                             n_local=cfg.n_local, top_k=cfg.top_k_blocks)
+                             n_local=cfg.n_local, top_k_blocks=cfg.top_k_blocks)
     for name, fn in stages.items():
         calls[f"stage {name}"] = fn
     buf = torch.empty(64, device=dev)

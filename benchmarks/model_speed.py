@@ -15,17 +15,12 @@ Writes benchmarks/results/model_speed_<gpu>.json (or --out).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from results_io import header, results_path, write_json  # noqa: E402
+from results_io import header, results_path, write_json     # a sibling: benchmarks/ is the script's folder
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_act="silu",

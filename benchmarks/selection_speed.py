@@ -22,18 +22,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 import traceback
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-
-from attention_speed import BS, D, H, HKV, bench_ms, graph_step_ms  # noqa: E402
+from attention_speed import BS, D, H, HKV, bench_ms, graph_step_ms     # siblings: benchmarks/ is the script's folder
 from results_io import header, results_path, write_json  # noqa: E402
 
 
@@ -85,7 +80,7 @@ def walk_agreement(cfg, w, r_prev) -> dict:
                           dtype=torch.int32, device=dev)
         cnt = torch.empty(1, HKV, nb, dtype=torch.int32, device=dev)
         row_pass_triton(cmat, 1, out=cmat, lists=(idx, cnt), n_sink=cfg.n_sink, n_local=cfg.n_local,
-                        top_k=cfg.top_k_blocks)
+                        top_k_blocks=cfg.top_k_blocks)
         out[prec] = (cmat, idx[:, :1], cnt[:, :1])
     r32, i32, c32 = out["tf32"]
     _, i16, c16 = out["bf16"]
@@ -105,7 +100,7 @@ def walk_agreement(cfg, w, r_prev) -> dict:
 def run_length(n: int, top_k: int, res: dict, dev: str = "cuda") -> None:
     from sketch_walk import SketchWalkConfig, SketchWalkSelector
     from sketch_walk.kernels.block_pool import block_pool_triton
-    from sketch_walk.kernels.block_sparse_prefill import block_sparse_attention_triton
+    from sketch_walk.core.kernels.block_sparse_prefill import block_sparse_attention_triton
     from sketch_walk.kernels.block_transition import LOG2E, candidate_configs as transition_configs, dot_precision
     from sketch_walk.kernels.prefill_selection import _pool_operands, _transition, stage_callables
     from sketch_walk.kernels.row_select import row_pass_triton
@@ -141,7 +136,7 @@ def run_length(n: int, top_k: int, res: dict, dev: str = "cuda") -> None:
     r_prev = sel.state.walk_r
     fns = stage_callables(q, k, block_size=BS, scale=scale, select_per=cfg.select_per,
                           sparsity_exponent=cfg.sparsity_exponent, walk_damping=cfg.walk_damping, r_prev=r_prev,
-                          n_sink=cfg.n_sink, n_local=cfg.n_local, top_k=top_k, other_precisions=("tf32", "fp16"))
+                          n_sink=cfg.n_sink, n_local=cfg.n_local, top_k_blocks=top_k, other_precisions=("tf32", "fp16"))
     stages = row.setdefault("stages_ms", {})
     for name, fn in fns.items():
         _timed(stages, name, fn)
@@ -191,7 +186,7 @@ def run_length(n: int, top_k: int, res: dict, dev: str = "cuda") -> None:
     print(f"[{n}] row passes", flush=True)
     lists = (torch.empty(1, HKV, nb, max_kept_for(nb, cfg.n_sink + cfg.n_local + top_k, 0), dtype=torch.int32,
                          device=dev), torch.empty(1, HKV, nb, dtype=torch.int32, device=dev))
-    sel_kw = dict(lists=lists, n_sink=cfg.n_sink, n_local=cfg.n_local, top_k=top_k)
+    sel_kw = dict(lists=lists, n_sink=cfg.n_sink, n_local=cfg.n_local, top_k_blocks=top_k)
     rows_t = row.setdefault("row_pass_ms", {})
     for nw in (2, 4, 8):
         tag = f"num_warps={nw}"

@@ -6,7 +6,7 @@ Public API::
     session = enable_seer_attn(model, "seer_attn/checkpoints/smollm2", threshold=5e-4)
     ... model.generate(...) ...;  session.report();  session.reset()
 
-The specification is ../shared/design/SEERATTN.md: gates per layer (seer_attn.gate), masks and
+docs/ALGORITHM.md ("SeerAttention gate") states the method: gates per layer (seer_attn.gate), masks and
 sparse decode (seer_attn.selector), strict checkpoints (seer_attn.checkpoint) and distillation
 (``python -m seer_attn.train_gates``).
 """
@@ -51,11 +51,11 @@ def enable_seer_attn(model, checkpoint_dir_or_config: Union[str, os.PathLike, Se
     tests). ``threshold`` / ``nz_ratio`` override the checkpoint's selection (at most one);
     ``dense_decode=True`` is the published prefill-only method (decode dense, labelled so in
     ``describe()``); the default is sparse decode by the gate. ``backend`` is the kernel backend
-    of :mod:`sketch_walk.block_sparse` ('auto', 'triton', 'torch'). Returns the hook's
+    of :mod:`sketch_walk.core.block_sparse` ('auto', 'triton', 'torch'). Returns the hook's
     SparseAttentionSession (``reset()``, ``report()``, ``describe()``); ``session.selector`` is
     the :class:`~seer_attn.selector.SeerAttnSelector`.
     """
-    from sketch_walk.hook import enable_sparse_attention
+    from sketch_walk.core.hook import enable_sparse_attention
 
     from .selector import SeerAttnSelector
 

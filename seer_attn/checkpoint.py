@@ -15,12 +15,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from sketch_walk.errors import UsageError
+from sketch_walk.core.checkpoint import CONFIG_NAME, read_config_json
+from sketch_walk.core.errors import UsageError
 
 from .config import METHOD, SeerAttnConfig
 from .gate import SeerAttnGates
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "gates.safetensors"
 
 
@@ -49,11 +49,7 @@ def read_config(folder: str) -> SeerAttnConfig:
                          f"{WEIGHTS_NAME} (make one with python -m seer_attn.train_gates)")
     if not os.path.isfile(path):
         raise UsageError(f"SeerAttn checkpoint {folder} has no {CONFIG_NAME}")
-    try:
-        with open(path) as fh:
-            d = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path}: not valid JSON ({exc})") from exc
+    d = read_config_json(folder)
     if not isinstance(d, dict):
         raise UsageError(f"{path}: expected a JSON object")
     method = d.get("method")
@@ -96,17 +92,6 @@ def load_checkpoint(folder: str, map_location: str = "cpu") -> Tuple[SeerAttnCon
     gates.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     # load_state_dict copies into the (CPU) parameters: move them to where the tensors were loaded
     return cfg, gates.to(map_location)
-
-
-def is_seer_checkpoint(folder: str) -> bool:
-    path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(path):
-        return False
-    try:
-        with open(path) as fh:
-            return json.load(fh).get("method") == METHOD
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _short(items, n: int = 6) -> str:

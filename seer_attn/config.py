@@ -31,7 +31,7 @@ import json
 import re
 from typing import Any, Dict, List, Optional
 
-from sketch_walk.errors import UsageError
+from sketch_walk.core.errors import UsageError
 
 POOL_TYPES = ("max", "min", "avg")
 SPARSITY_METHODS = ("threshold", "nz_ratio")

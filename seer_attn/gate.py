@@ -16,17 +16,21 @@ As published for Llama (microsoft/SeerAttention, ``prefill_sparse/attn_gate.py``
 5. Scores s[h, I, J] = q~_I . k~_J / sqrt(h_g) for J <= I, -inf above the block diagonal, in
    fp32 (the reference computes in bf16, which makes small thresholds coarse).
 
+Pooling uses the shared block summaries (:mod:`sketch_walk.core.block_summary`), as Sketch&Walk does.
 Decode (SeerAttention-R style, used by :mod:`seer_attn.selector`): :class:`GateKeyCache` keeps,
-per layer, the running max / min / sum / count of each block's pre-RoPE keys and the projected,
-rotated gate key of every block; a new token updates only its own block from its own key.
+per layer, the running max / min / sum / count of each block's pre-RoPE keys (a
+:class:`~sketch_walk.core.block_summary.RunningBlockSummary`) and the projected, rotated gate key of
+every block; a new token updates only its own block from its own key.
 """
 from __future__ import annotations
 
 import copy
-from typing import Dict, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from sketch_walk.core.block_summary import RunningBlockSummary
 
 from .config import SeerAttnConfig, parse_gate_type
 
@@ -35,41 +39,28 @@ from .config import SeerAttnConfig, parse_gate_type
 # Pooling
 # ----------------------------------------------------------------------------------------------
 
-def block_stats(x: torch.Tensor, block_size: int) -> Dict[str, torch.Tensor]:
-    """Per-block max, min, sum (fp32) of x (B, heads, n, d) over real tokens, and count (n_b,)."""
-    b, h, n, d = x.shape
-    nb = (n + block_size - 1) // block_size
-    pad = nb * block_size - n
-    xf = x.float()
-    if pad:
-        big = torch.finfo(torch.float32).max
-        xmax = torch.nn.functional.pad(xf, (0, 0, 0, pad), value=-big)
-        xmin = torch.nn.functional.pad(xf, (0, 0, 0, pad), value=big)
-        xsum = torch.nn.functional.pad(xf, (0, 0, 0, pad), value=0.0)
-    else:
-        xmax = xmin = xsum = xf
-    count = torch.full((nb,), float(block_size), device=x.device)
-    count[-1] = n - (nb - 1) * block_size
-    return {"max": xmax.view(b, h, nb, block_size, d).amax(3),
-            "min": xmin.view(b, h, nb, block_size, d).amin(3),
-            "sum": xsum.view(b, h, nb, block_size, d).sum(3),
-            "count": count}
+def block_summary(x: torch.Tensor, block_size: int, pools: Sequence[str]) -> RunningBlockSummary:
+    """The block summaries that ``pools`` need of x (B, heads, n, d): fp32 sums for 'avg', max / min for the others."""
+    return RunningBlockSummary.from_keys(x, block_size, sum_dtype=torch.float32 if "avg" in pools else None,
+                                         minmax=any(p in ("max", "min") for p in pools))
 
 
-def pools_from_stats(stats: Dict[str, torch.Tensor], pools: Sequence[str]) -> torch.Tensor:
-    """Concatenate the requested pools ('max', 'min', 'avg') on channels: (B, heads, n_b, len(pools)*d)."""
+def pools_from_summary(summary: RunningBlockSummary, pools: Sequence[str], block: Optional[int] = None) -> torch.Tensor:
+    """Concatenate the requested pools ('max', 'min', 'avg') on channels: (B, heads, n_b, len(pools)*d) fp32, or
+    (B, heads, 1, len(pools)*d) for block ``block`` alone."""
+    part = slice(0, summary.n_blocks) if block is None else slice(block, block + 1)
     out = []
     for p in pools:
         if p == "avg":
-            out.append(stats["sum"] / stats["count"].view(1, 1, -1, 1))
+            out.append(summary.sums[:, :, part] / summary.counts[part].to(summary.sums.dtype).view(1, 1, -1, 1))
         else:
-            out.append(stats[p])
+            out.append((summary.kmax if p == "max" else summary.kmin)[:, :, part])
     return torch.cat(out, dim=-1)
 
 
 def pool_blocks(x: torch.Tensor, block_size: int, pools: Sequence[str]) -> torch.Tensor:
     """Pool x (B, heads, n, d) per block: (B, heads, n_b, len(pools)*d), fp32."""
-    return pools_from_stats(block_stats(x, block_size), pools)
+    return pools_from_summary(block_summary(x, block_size, pools), pools)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,47 +228,37 @@ class AttnGate(nn.Module):
 
 
 class GateKeyCache:
-    """Per-layer decode state: running pre-RoPE key statistics per block and projected gate keys.
+    """Per-layer decode state: running pre-RoPE key summaries per block and projected gate keys.
 
-    ``stats``: max, min, sum (B, H_kv, n_b, d) fp32 and count (n_b,); ``keys``: (B, H, n_b, h_g),
-    the projected gate key of each block after block RoPE. :meth:`append` updates the current
-    block from the new key only (O(d) statistics, one block's projection), never from the cache.
+    ``summary``: the :class:`RunningBlockSummary` (max, min, fp32 sum, count as the gate's k pools need);
+    ``keys``: (B, H, n_b, h_g), the projected gate key of each block after block RoPE. :meth:`append` updates
+    the current block from the new key only (O(d) statistics, one block's projection), never from the cache.
     """
 
     def __init__(self, gate: AttnGate, rope: BlockRope, k_pre: torch.Tensor):
         self.gate, self.rope = gate, rope
         self.bs = gate.block_size
-        self.n = k_pre.shape[2]
-        self.stats = block_stats(k_pre, self.bs)
-        nb = self.stats["count"].shape[0]
-        cos, sin = rope.blocks(nb, self.bs, k_pre.device)
-        self.keys = apply_rope(gate.project_k(pools_from_stats(self.stats, gate.k_pools)), cos, sin)
+        self.summary = block_summary(k_pre, self.bs, gate.k_pools)
+        cos, sin = rope.blocks(self.summary.n_blocks, self.bs, k_pre.device)
+        self.keys = apply_rope(gate.project_k(pools_from_summary(self.summary, gate.k_pools)), cos, sin)
+
+    @property
+    def n(self) -> int:
+        """Keys summarised so far."""
+        return self.summary.n
 
     @property
     def n_blocks(self) -> int:
-        return self.stats["count"].shape[0]
+        return self.summary.n_blocks
 
     def append(self, k_new: torch.Tensor) -> None:
         """Add the key of position ``self.n`` (k_new (B, H_kv, d), pre-RoPE)."""
-        pos = self.n
-        k = k_new.float().unsqueeze(2)                                   # (B, H_kv, 1, d)
-        st = self.stats
-        if pos % self.bs == 0:                                           # a new block opens
-            for name in ("max", "min", "sum"):
-                st[name] = torch.cat([st[name], k], dim=2)
-            st["count"] = torch.cat([st["count"], st["count"].new_ones(1)])
+        if self.n % self.bs == 0:                                        # a new block opens
             self.keys = torch.cat([self.keys, self.keys[:, :, -1:]], dim=2)   # placeholder, set below
-        else:
-            st["max"][:, :, -1:] = torch.maximum(st["max"][:, :, -1:], k)
-            st["min"][:, :, -1:] = torch.minimum(st["min"][:, :, -1:], k)
-            st["sum"][:, :, -1:] = st["sum"][:, :, -1:] + k
-            st["count"][-1] += 1
-        self.n = pos + 1
-        last = {name: st[name][:, :, -1:] for name in ("max", "min", "sum")}
-        last["count"] = st["count"][-1:]
-        j = self.n_blocks - 1
-        cos, sin = self.rope(torch.tensor([j * self.bs], device=k.device))
-        self.keys[:, :, -1:] = apply_rope(self.gate.project_k(pools_from_stats(last, self.gate.k_pools)), cos, sin)
+        j = self.summary.append(k_new)
+        cos, sin = self.rope(torch.tensor([j * self.bs], device=k_new.device))
+        pooled = pools_from_summary(self.summary, self.gate.k_pools, block=j)
+        self.keys[:, :, -1:] = apply_rope(self.gate.project_k(pooled), cos, sin)
 
     def scores(self, q_gate: torch.Tensor) -> torch.Tensor:
         """q_gate (B, H, h_g) -> scores (B, H, n_b) over every block so far (all causal)."""

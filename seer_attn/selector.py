@@ -1,6 +1,6 @@
-"""SeerAttnSelector: the learned AttnGate as a :class:`sketch_walk.selector.BlockSelector`.
+"""SeerAttnSelector: the learned AttnGate as a :class:`sketch_walk.core.contract.BlockSelector`.
 
-It plugs into the shared sparse-attention hook (:func:`sketch_walk.hook.enable_sparse_attention`)
+It plugs into the shared sparse-attention hook (:func:`sketch_walk.core.hook.enable_sparse_attention`)
 exactly like Sketch&Walk, so both methods run the same kernel and decode path and differ only in
 how blocks are picked.
 
@@ -40,9 +40,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from sketch_walk.block_sparse import mask_to_block_lists
-from sketch_walk.errors import UsageError
-from sketch_walk.selector import BlockSelector, BlockLists, check_decode_step
+from sketch_walk.core.block_sparse import mask_to_block_lists
+from sketch_walk.core.contract import BlockLists, BlockSelector, check_decode_step
+from sketch_walk.core.errors import UsageError
+from sketch_walk.core.hook import attention_modules
 
 from .config import SeerAttnConfig
 from .gate import BlockRope, GateKeyCache, SeerAttnGates
@@ -50,17 +51,14 @@ from .gate import BlockRope, GateKeyCache, SeerAttnGates
 Q_ATTR, K_ATTR = "_seer_attn_q", "_seer_attn_k"
 
 
-def decoder_layers(model):
-    """The list of decoder layers of a Llama-family transformers model."""
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        base = getattr(base, "language_model", base)
-        layers = getattr(base, "layers", None)
-    if layers is None:
-        raise UsageError(f"{type(model).__name__}: no decoder layers found (model.model.layers); "
-                         f"SeerAttn supports Llama-family models")
-    return layers
+def gated_attention(model, layers) -> Dict[int, Any]:
+    """{layer index: attention module} of the gated layers (the hook's own lookup of attention modules)."""
+    found = attention_modules(model)
+    missing = [i for i in layers if i not in found]
+    if missing:
+        raise UsageError(f"{type(model).__name__}: no attention module for layers {missing} (modules with layer_idx "
+                         f"and o_proj); SeerAttn supports Llama-family models")
+    return {i: found[i] for i in layers}
 
 
 def rope_input_modules(attn):
@@ -171,10 +169,8 @@ class SeerAttnSelector(BlockSelector):
         for p in self.gates.parameters():
             p.requires_grad_(False)
         self.rope = BlockRope.from_model(model, self.cfg.gate_hidden)
-        layers = decoder_layers(model)
         c = self.cfg
-        for i in c.gated_layers:
-            attn = layers[i].self_attn
+        for i, attn in gated_attention(model, c.gated_layers).items():
             self._attn_modules[i] = attn
             q_mod, k_mod = rope_input_modules(attn)
             self._handles.append(q_mod.register_forward_hook(_keep_output(attn, Q_ATTR, c.num_q_heads, c.head_dim)))

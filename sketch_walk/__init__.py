@@ -6,35 +6,34 @@ Quick use::
     session = enable_sketch_walk(model, SketchWalkConfig(top_k_blocks=16))
     session.reset(); model.generate(...); print(session.report()["overall"])
 
-See shared/design/ALGORITHM.md for the algorithm and :mod:`sketch_walk.hook` for the integration.
+The package holds the shared sparse-attention core (:mod:`sketch_walk.core`: selector contract, attention
+hook, block-sparse kernels, block summaries), which SeerAttention (``seer_attn``) uses too, and the Sketch&Walk
+method beside it (config, sketch, walk, selection, :class:`SketchWalkSelector`, its selection kernels).
+docs/ALGORITHM.md states the algorithm, docs/ARCHITECTURE.md the layout.
+
+Names are imported on first use, so ``import sketch_walk.core`` (what SeerAttention does) loads no Sketch&Walk module.
 """
 from __future__ import annotations
 
-from typing import Optional
+import importlib
 
-from .config import SketchWalkConfig
-from .errors import UsageError
-from .hook import ATTN_NAME, SparseAttentionSession, enable_sparse_attention
-from .selector import BlockSelector
-from .sketch_walk_selector import SketchWalkSelector
-
-
-def enable_sketch_walk(model, config: Optional[SketchWalkConfig] = None, backend: Optional[str] = None
-                       ) -> SparseAttentionSession:
-    """Run ``model`` with Sketch&Walk (or its oracle / local controls, ``config.selector``); returns the session.
-
-    ``config`` may be a :class:`SketchWalkConfig` or a dict of its knobs (default: every default).
-    ``backend``: None / "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
-    """
-    if config is None:
-        config = SketchWalkConfig()
-    elif isinstance(config, dict):
-        config = SketchWalkConfig.from_dict(config)
-    elif not isinstance(config, SketchWalkConfig):
-        raise UsageError(f"config must be a SketchWalkConfig or a dict of its knobs, got {type(config).__name__}")
-    return enable_sparse_attention(model, SketchWalkSelector(config), skip_decode=config.skip_decode,
-                                   backend=backend)
+_EXPORTS = {
+    "SketchWalkConfig": ".config",
+    "SketchWalkSelector": ".selector",
+    "enable_sketch_walk": ".selector",
+    "ATTN_NAME": ".core",
+    "BlockSelector": ".core",
+    "SparseAttentionSession": ".core",
+    "UsageError": ".core",
+    "enable_sparse_attention": ".core",
+}
 
 
-__all__ = ["SketchWalkConfig", "SketchWalkSelector", "enable_sketch_walk", "enable_sparse_attention",
-           "SparseAttentionSession", "BlockSelector", "UsageError", "ATTN_NAME"]
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sketch_walk' has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)
+
+
+__all__ = list(_EXPORTS)

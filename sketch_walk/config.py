@@ -1,18 +1,18 @@
-"""SketchWalkConfig: every knob of Sketch&Walk (shared/design/ALGORITHM.md), its default and validation.
+"""SketchWalkConfig: every knob of Sketch&Walk (docs/ALGORITHM.md), its default and validation.
 
 The seed's five user-facing knobs come first (block_size, sketch_dim, top_k_blocks,
 sparsity_exponent, skip_decode); the others are the specification's "Knobs" section. Every field
 is a command-line flag of the same name (``--block_size 64``); :func:`add_arguments` and
 :meth:`SketchWalkConfig.from_namespace` do the plumbing for scripts.
 
-Bad values raise :class:`sketch_walk.errors.UsageError` with a message that names the flag and
+Bad values raise :class:`sketch_walk.core.errors.UsageError` with a message that names the flag and
 says what is allowed. :meth:`SketchWalkConfig.inactive_knobs` lists the knobs that have no effect
 in the chosen configuration (e.g. ``sketch_dim`` with ``key_summary minmax``), for run manifests.
 
-Choices where ALGORITHM.md is silent (made here, documented where they act):
+Choices where docs/ALGORITHM.md is silent (made here, documented where they act):
 * ``n_local >= 1``: the diagonal block is always kept, so every query sees at least itself
   (a list without the diagonal would leave the block's first query with no key at all).
-* ``dense_last_blocks`` acts on prefill only; decode steps stay sparse (ALGORITHM.md's Evidence
+* ``dense_last_blocks`` acts on prefill only; decode steps stay sparse (docs/EVIDENCE.md
   judges selection with sparse decode; the question blocks are prompt blocks).
 * ``hadamard_seed``: the SRHT of layer l uses the seed ``hadamard_seed * 1_000_003 + l``
   (:func:`sketch_walk.sketch.layer_seed`).
@@ -24,7 +24,7 @@ import dataclasses
 import math
 from typing import Any, Dict, List, Optional
 
-from .errors import UsageError
+from .core.errors import UsageError
 
 KEY_SUMMARIES = ("minmax", "mean")
 SELECTORS = ("sketchwalk", "oracle", "local")
@@ -33,7 +33,7 @@ SELECT_PER = ("layer", "kv_head")
 HELP = {
     "block_size": "tokens per block B (power of two, >= 16)",
     "sketch_dim": "SRHT sketch dimension k (key_summary mean only; k >= head dim means exact block scores)",
-    "top_k_blocks": "blocks kept per query block besides sink and local blocks (tau)",
+    "top_k_blocks": "blocks kept per query block besides sink and local blocks (fewer is more aggressive)",
     "sparsity_exponent": "sharpening exponent s: W = rownorm(A ** s); changes selection only through the walk",
     "skip_decode": "run decode steps with dense attention (prefill stays sparse)",
     "key_summary": "block key summary: minmax (per-channel upper bound, default) or mean (the paper)",
@@ -61,7 +61,7 @@ def _is_number(x: Any) -> bool:
 
 @dataclasses.dataclass
 class SketchWalkConfig:
-    """Every knob of Sketch&Walk with its default (ALGORITHM.md "Knobs")."""
+    """Every knob of Sketch&Walk with its default (docs/ALGORITHM.md "Knobs")."""
 
     block_size: int = 64
     sketch_dim: int = 64

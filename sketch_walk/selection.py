@@ -1,21 +1,19 @@
-"""Block selection (ALGORITHM.md step 7) and the two control selectors' scores, shared by every method.
+"""Block selection (docs/ALGORITHM.md step 7) and the scores of the two controls (oracle, local).
 
 :func:`select_blocks` turns any block scores into kept-block lists (the format of
-:mod:`sketch_walk.block_sparse`): for query block i keep
-    S_i = {0..n_sink-1}  U  {i-n_local+1..i}  U  top_k highest scores among the other causal blocks,
+:mod:`sketch_walk.core.block_sparse`): for query block i keep
+    S_i = {0..n_sink-1}  U  {i-n_local+1..i}  U  top_k_blocks highest scores among the other causal blocks,
 rows with no more causal blocks than that budget are dense, and the last ``dense_last`` query
 blocks may be made dense. It runs without host synchronisation: the list width ``max_kept`` and
-every count follow from shapes (``n_sink + n_local + top_k`` per sparse row), not from data.
+every count follow from shapes (``n_sink + n_local + top_k_blocks`` per sparse row), not from data.
 
 Ties are broken deterministically: among equal scores the more recent (higher-index) block wins.
-(ALGORITHM.md asks only for determinism; with sharpening, many far blocks underflow to exactly 0,
+(docs/ALGORITHM.md asks only for determinism; with sharpening, many far blocks underflow to exactly 0,
 and then recency is the better prior.) It is exact: scores are packed with their block index into
 one int64 key, so torch.topk never sees a tie.
 
 Also here, for evaluation: the oracle's exact block attention mass (O(n^2) time, chunked memory)
-and the local floor's scores (recency), so all selectors share this selection and the kernel.
-SeerAttention-style callers can reuse :func:`select_blocks` with their own scores, or
-:func:`lists_from_mask` / :func:`keep_diagonal_and_sink` for mask-based rules.
+and the local floor's scores (recency), so the Sketch&Walk server's three selectors share this selection and the kernel.
 """
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .block_sparse import mask_to_block_lists, num_blocks
+from .core.block_sparse import num_blocks
 
 BIG = 1 << 30
 
@@ -44,19 +42,19 @@ def _score_keys(scores: torch.Tensor) -> torch.Tensor:
     return (bits << 32) | j
 
 
-def select_blocks(scores: torch.Tensor, row_ids: torch.Tensor, n_sink: int, n_local: int, top_k: int,
+def select_blocks(scores: torch.Tensor, row_ids: torch.Tensor, n_sink: int, n_local: int, top_k_blocks: int,
                   dense_last: int = 0, n_rows_total: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Step 7. Scores (..., m, n_b) (higher = keep; only the order matters, negative = 0) -> kept-block lists.
 
     ``row_ids`` (m,) long: the query-block index i of each row (prefill: arange(n_b); decode: [n_b - 1]).
-    Entries j > i are never kept whatever their score. A row with i + 1 <= n_sink + n_local + top_k is
+    Entries j > i are never kept whatever their score. A row with i + 1 <= n_sink + n_local + top_k_blocks is
     dense (all causal blocks). ``dense_last``: rows with i >= n_rows_total - dense_last are dense too
     (``n_rows_total`` defaults to n_b). Returns block_idx int32 (..., m, max_kept) ascending, padded with
     -1, and block_cnt int32 (..., m); max_kept = :func:`max_kept_for` (computed from shapes).
     """
     n_b = scores.shape[-1]
     dev = scores.device
-    budget = n_sink + n_local + top_k
+    budget = n_sink + n_local + top_k_blocks
     n_rows_total = n_b if n_rows_total is None else n_rows_total
     rows = row_ids.to(device=dev, dtype=torch.int64)
     i = rows.unsqueeze(-1)                                                   # (m, 1)
@@ -67,11 +65,11 @@ def select_blocks(scores: torch.Tensor, row_ids: torch.Tensor, n_sink: int, n_lo
     # top-k among the candidates: causal, not sink, not local
     cand = (j <= i) & (j >= n_sink) & (j <= i - n_local)                     # (m, n_b)
     keys = torch.where(cand, _score_keys(scores), torch.full((), -1, dtype=torch.int64, device=dev))
-    k = min(top_k, n_b)
+    k = min(top_k_blocks, n_b)
     top = keys.topk(k, dim=-1, sorted=False)
     top_idx = torch.where(top.values >= 0, top.indices, torch.full_like(top.indices, BIG))
-    if k < top_k:
-        top_idx = F.pad(top_idx, (0, top_k - k), value=BIG)
+    if k < top_k_blocks:
+        top_idx = F.pad(top_idx, (0, top_k_blocks - k), value=BIG)
     lead = top_idx.shape[:-2]
     m = rows.shape[0]
     sink = torch.arange(n_sink, device=dev, dtype=torch.int64).expand(*lead, m, n_sink)
@@ -104,18 +102,8 @@ def expand_to_kv_heads(block_idx: torch.Tensor, block_cnt: torch.Tensor, n_kv: i
     return idx, cnt
 
 
-def keep_diagonal_and_sink(mask: torch.Tensor, n_sink: int = 1, n_local: int = 1) -> torch.Tensor:
-    """Boolean block mask (..., n_q, n_k) (query block i = row i) with sink and local blocks added, kept causal."""
-    nq, nk = mask.shape[-2:]
-    i = torch.arange(nq, device=mask.device).unsqueeze(-1)
-    j = torch.arange(nk, device=mask.device)
-    add = (j < n_sink) | ((j <= i) & (j > i - n_local))
-    return (mask | add) & (j <= i)
 
 
-def lists_from_mask(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Boolean block mask -> lists (re-export of :func:`sketch_walk.block_sparse.mask_to_block_lists`; one host sync)."""
-    return mask_to_block_lists(mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +113,7 @@ def lists_from_mask(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def local_scores(n_b: int, m: int = 1, device=None) -> torch.Tensor:
     """The local floor: score = block index, so top-k keeps the most recent blocks. (1, 1, m, n_b).
 
-    With :func:`select_blocks` this keeps the sink plus the last n_local + top_k blocks of each row
+    With :func:`select_blocks` this keeps the sink plus the last n_local + top_k_blocks blocks of each row
     (the last top_k_blocks + 1 blocks at the default n_local = 1): the same budget as Sketch&Walk.
     """
     return torch.arange(n_b, device=device, dtype=torch.float32).expand(1, 1, m, n_b)
@@ -182,12 +170,4 @@ def oracle_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: 
     return out
 
 
-def density_from_lists(block_idx: torch.Tensor, block_cnt: torch.Tensor, n: int, block_size: int) -> float:
-    """Prefill density of one layer's lists: attended pairs / causal pairs (host value, for tests and tools)."""
-    from .block_sparse import attended_pairs_prefill, causal_pairs
-    pairs = attended_pairs_prefill(block_idx, block_cnt, n, block_size)
-    return float(pairs.sum()) / (causal_pairs(n) * pairs.numel())
-
-
-__all__ = ["select_blocks", "max_kept_for", "expand_to_kv_heads", "keep_diagonal_and_sink", "lists_from_mask",
-           "local_scores", "oracle_block_mass", "density_from_lists"]
+__all__ = ["select_blocks", "max_kept_for", "expand_to_kv_heads", "local_scores", "oracle_block_mass"]

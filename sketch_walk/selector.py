@@ -1,68 +1,357 @@
-"""The contract between a block-selection method and the shared sparse-attention hook.
+"""SketchWalkSelector: Sketch&Walk (and its oracle / local controls) as a :class:`BlockSelector`.
 
-A method (Sketch&Walk, the oracle and local controls, SeerAttention's gate) is a
-:class:`BlockSelector`. The hook (:mod:`sketch_walk.hook`) owns everything else: which
-attention runs (dense, the block-sparse kernel, prefill or decode), density accounting, and
-when state is reset. So methods differ only in how they pick blocks.
+Prefill, at every sparse layer (docs/ALGORITHM.md steps 1-7):
+  pool Q and K per block -> (mean) SRHT-sketch both and score / (minmax) bound q.k by Kmax, Kmin
+  -> causal row-softmax per head, head mean (A) -> sharpen (W) -> walk with the previous sparse
+  layer's R -> sink U local U top-k per query block.
+Decode, one new token per step (unless the hook runs decode dense):
+  update the current block's running K sum / count (and max / min) from the new key only, in O(d);
+  re-sketch that one block (O(d k)); score the new query (or the mean of the last
+  ``decode_query_window`` queries) against every block summary; head mean, sharpen, walk with
+  r_l = rownorm((1 - beta) w_l + beta r_{l-1} W_l_cache); select afresh at every step.
+  Cost per layer and step: O(n_b d) for the scores and O(n_b^2) for the walk term (skipped when
+  walk_damping is 0); the prefill's sketch is never recomputed.
 
-Shapes: ``query`` (B, H, q_len, d) and ``key`` (B, H_kv, k_len, d) AFTER RoPE, exactly what the
-transformers attention interface passes (keys not repeated for GQA). Selections are kept-block
-lists in the format of :mod:`sketch_walk.block_sparse`.
+All per-sequence state (the walk's R across layers, the decode state of every layer) lives in
+one :class:`SketchWalkState`, replaced by :meth:`SketchWalkSelector.reset` for every prompt.
+
+Choices where docs/ALGORITHM.md is silent (all documented where they act):
+* block scores use the attention's own scale (``module.scaling``; 1/sqrt(d) for Llama);
+* running K block sums are kept in float64, so incremental sums equal a recomputation from the cache
+  exactly (fp32 / bf16 keys: exact while a block's values span < 29 binades, i.e. always in practice);
+* W_cache: the row of the current block is overwritten by the current decode row w_l at every
+  step (a new row and a zero column are appended when a new block opens); it is the transition of the
+  most recent query of that block. The hop term for the first sparse layer (R = identity) is that row.
+* select_per "kv_head": the walk carries one R per key head, but its multi-hop term uses the head
+  mean of the previous layer's R (heads are not aligned across layers), see :mod:`sketch_walk.walk`;
+* decode_query_window > 1: the window holds the last queries of the same layer, the prompt's last
+  ones included at the first decode step;
+* oracle: exact block attention mass of the layer (no sharpening, no walk: the ceiling of one-hop
+  selection); in decode the new query's own mass (decode_query_window does not apply);
+* local: sink + the last n_local + top_k_blocks blocks (same budget as Sketch&Walk);
+* dense_last_blocks acts on prefill only.
+GPU notes: no data-dependent host syncs (list widths come from shapes), no O(n^2) memory (the
+transition is accumulated per chunk of key heads), batched torch ops; the oracle is O(n^2) time.
+Decode selection (sketchwalk, walk_steps 1) runs as 3 Triton launches on CUDA
+(:mod:`sketch_walk.kernels.decode_select`, backend "triton"); the torch code below is its reference.
+Prefill selection (sketchwalk) likewise runs as ~6 Triton launches (:mod:`sketch_walk.kernels.prefill_selection`)
+with the same state; oracle and local stay torch.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
 import torch
 
-BlockLists = Tuple[torch.Tensor, torch.Tensor]   # (block_idx int32, block_cnt int32)
+from .config import SketchWalkConfig
+from .core.block_sparse import num_blocks, resolve_backend
+from .core.block_summary import RunningBlockSummary, block_mean, grow_blocks
+from .core.contract import BlockLists, BlockSelector, check_decode_step
+from .core.errors import UsageError
+from .core.hook import SparseAttentionSession, enable_sparse_attention
+from .selection import expand_to_kv_heads, local_scores, oracle_block_mass, select_blocks
+from .sketch import layer_seed, scores_mean, scores_minmax, srht, srht_matrix
+from .walk import block_transition, causal_block_mask, kv_chunk_size, sharpen, walk_row, walk_update
 
 
-def check_decode_step(method: str, layer_idx: int, held: Optional[int], n_keys: int, state: str,
-                      missing_hint: str) -> None:
-    """A decode call must follow the prefill and add exactly one key to what the method summarised.
+@dataclass
+class LayerDecodeState:
+    """What one sparse layer keeps for decode.
 
-    ``held``: keys summarised in the method's per-layer ``state`` before this call (None: no state);
-    ``n_keys``: the KV cache length, the new token included. Raises RuntimeError otherwise.
+    ``keys``: the running block summaries of its keys (:class:`RunningBlockSummary`: counts, with fp64 sums for
+    key_summary mean or Kmax / Kmin for minmax); ``k_t`` (B, H_kv, cap, k') fp32, the sketched block means
+    (mean); ``w_cache`` (B, G', cap, cap) fp32, the sharpened transition (walk_damping > 0); ``q_recent``
+    (B, H, <= window-1, d) fp32, the last queries (decode_query_window > 1). Block axes follow the summary's
+    capacity ``cap`` >= n_b; only the first n_b entries mean anything.
     """
-    if held is None:
-        raise RuntimeError(f"{method} layer {layer_idx}: decode before prefill (no {state}); {missing_hint}")
-    if held != n_keys - 1:
-        raise RuntimeError(f"{method} layer {layer_idx}: {state} holds {held} keys, the KV cache {n_keys - 1} "
-                           f"before this token; one token per decode step is required")
+
+    keys: RunningBlockSummary
+    k_t: Optional[torch.Tensor] = None
+    w_cache: Optional[torch.Tensor] = None
+    q_recent: Optional[torch.Tensor] = None
+
+    def append_key(self, k_new: torch.Tensor, srht_matrix: Optional[torch.Tensor],
+                   minmax_elsewhere: bool = False) -> int:
+        """Fold the new key (B, H_kv, d) into the running summaries of its block, in O(d). Returns n_b.
+
+        A new block (position a multiple of block_size) starts from count 0, sum 0, max -inf, min +inf and a
+        zero row and column of W_cache. ``minmax_elsewhere`` (key_summary minmax on the Triton decode path):
+        the count and Kmax / Kmin of the block are updated by
+        :func:`sketch_walk.kernels.decode_select.decode_select_triton`. With key_summary mean the block's
+        sketch is recomputed from its running mean (``srht_matrix``, O(d k)).
+        """
+        opened = self.keys.n % self.keys.block_size == 0
+        i = self.keys.append(k_new, minmax_elsewhere=minmax_elsewhere)
+        if opened:
+            cap = self.keys.capacity
+            if self.k_t is not None and self.k_t.shape[2] < cap:
+                self.k_t = grow_blocks(self.k_t, cap, [2])
+            if self.w_cache is not None:
+                if self.w_cache.shape[2] < cap:
+                    self.w_cache = grow_blocks(self.w_cache, cap, [2, 3])
+                self.w_cache[:, :, i, :].fill_(0)
+                self.w_cache[:, :, :, i].fill_(0)
+        if self.k_t is not None:
+            self.k_t[:, :, i] = srht(self.keys.mean(i).float(), srht_matrix)
+        return i + 1
 
 
-class BlockSelector:
-    """Base class of block-selection methods. One instance per model; per-sequence state inside."""
+@dataclass
+class SketchWalkState:
+    """Everything Sketch&Walk remembers about the current sequence (batch); a fresh one per prompt."""
 
-    name: str = "base"
-    block_size: int = 64
+    batch_size: int = 0
+    walk_r: Optional[torch.Tensor] = None          # R of the last sparse layer in this prefill
+    decode_r: Optional[torch.Tensor] = None        # r of the last sparse layer at the current decode step
+    decode_r_len: int = -1                         # the cache length that decode_r belongs to
+    layers: Dict[int, LayerDecodeState] = field(default_factory=dict)
 
-    def attach(self, model) -> None:
-        """Called once when the hook is enabled on ``model`` (e.g. to register forward hooks)."""
 
-    def detach(self) -> None:
-        """Undo :meth:`attach`."""
+class SketchWalkSelector(BlockSelector):
+    """Sketch&Walk block selection (``config.selector`` "sketchwalk"), or the "oracle" / "local" controls."""
 
+    #: bytes of per-head score matrices alive at once in prefill (chunks of key heads)
+    score_budget_bytes: int = 1 << 28
+    #: selection backend (prefill and decode): None follows :func:`sketch_walk.core.block_sparse.resolve_backend`
+    #: (Triton kernels of :mod:`sketch_walk.kernels.prefill_selection` / :mod:`sketch_walk.kernels.decode_select`
+    #: on CUDA, torch elsewhere); "torch" / "triton" force one
+    backend: Optional[str] = None
+
+    def __init__(self, config: Optional[SketchWalkConfig] = None):
+        self.config = config or SketchWalkConfig()
+        self.block_size = self.config.block_size
+        self.name = self.config.selector
+        self.state = SketchWalkState()
+        self._head_dim: Optional[int] = None
+        self._srht_cache: Dict[Any, torch.Tensor] = {}     # (layer, d, device) -> S, so decode copies nothing
+
+    # ------------------------------------------------------------------------------------------
     def reset(self, batch_size: int) -> None:
-        """Forget all per-sequence state: called before every new prompt (batch)."""
+        self.state = SketchWalkState(batch_size=batch_size)
 
     def is_sparse_layer(self, layer_idx: int) -> bool:
-        """False for layers that stay dense (e.g. the first ``dense_layers``)."""
-        raise NotImplementedError
-
-    def select_prefill(self, layer_idx: int, module, query: torch.Tensor, key: torch.Tensor) -> BlockLists:
-        """Kept blocks for every query block: block_idx (B, H_kv, n_b, max_kept), block_cnt (B, H_kv, n_b)."""
-        raise NotImplementedError
-
-    def select_decode(self, layer_idx: int, module, query: torch.Tensor, key_cache: torch.Tensor) -> BlockLists:
-        """Kept cache blocks for one new query: block_idx (B, H_kv, max_kept), block_cnt (B, H_kv).
-
-        ``key_cache`` (B, H_kv, N, d) holds every key so far, the new token's (position N-1) included.
-        Implementations update running per-block summaries from ``key_cache[:, :, -1]`` only.
-        """
-        raise NotImplementedError
+        return layer_idx >= self.config.dense_layers
 
     def describe(self) -> Dict[str, Any]:
-        """Every knob, for run manifests and result files."""
-        return {"selector": self.name, "block_size": self.block_size}
+        c = self.config
+        out: Dict[str, Any] = {"method": "sketch_walk", "selector": c.selector}
+        out.update(c.to_dict())
+        out["inactive_knobs"] = c.inactive_knobs(self._head_dim)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _scale(module, d: int) -> float:
+        s = getattr(module, "scaling", None)
+        return float(s) if s is not None else 1.0 / math.sqrt(d)
+
+    def _srht(self, layer_idx: int, d: int, device) -> torch.Tensor:
+        key = (layer_idx, d, str(device))
+        s = self._srht_cache.get(key)
+        if s is None:
+            s = srht_matrix(d, self.config.sketch_dim, layer_seed(self.config.hadamard_seed, layer_idx), device)
+            self._srht_cache[key] = s
+        return s
+
+    def _lists(self, r_scores: torch.Tensor, row_ids: torch.Tensor, n_kv: int, dense_last: int) -> BlockLists:
+        c = self.config
+        idx, cnt = select_blocks(r_scores, row_ids, c.n_sink, c.n_local, c.top_k_blocks, dense_last=dense_last)
+        return expand_to_kv_heads(idx, cnt, n_kv)
+
+    def _keep_decode_state(self, layer_idx: int, keys: RunningBlockSummary, k_t: Optional[torch.Tensor],
+                           w: torch.Tensor, query: torch.Tensor) -> None:
+        """After a prefill: what decode needs of this layer (nothing when decode runs dense)."""
+        c = self.config
+        if c.skip_decode:
+            return
+        st = LayerDecodeState(keys=keys, k_t=k_t)
+        if c.walk_damping > 0:
+            st.w_cache = w
+        if c.decode_query_window > 1:
+            n = query.shape[2]
+            st.q_recent = query[:, :, max(0, n - (c.decode_query_window - 1)):].float()
+        self.state.layers[layer_idx] = st
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def select_prefill(self, layer_idx: int, module, query: torch.Tensor, key: torch.Tensor) -> BlockLists:
+        c = self.config
+        b, h, n, d = query.shape
+        hkv = key.shape[1]
+        if key.shape[2] != n:
+            raise UsageError(f"Sketch&Walk prefill expects the whole prompt in one call; got {n} queries against "
+                             f"{key.shape[2]} keys (chunked prefill is not supported)")
+        if h % hkv:
+            raise UsageError(f"{h} query heads are not a multiple of {hkv} key heads")
+        self._head_dim = d
+        bs = c.block_size
+        nb = num_blocks(n, bs)
+        scale = self._scale(module, d)
+        if self.state.batch_size != b:
+            self.reset(b)
+
+        if c.selector == "sketchwalk" and resolve_backend(query.device, self.backend) == "triton":
+            return self._select_prefill_triton(layer_idx, query, key, scale)           # GPU: ~6 Triton launches
+        rows_ids = torch.arange(nb, device=query.device)
+        if c.selector == "local":
+            return self._lists(local_scores(nb, nb, query.device), rows_ids, hkv, c.dense_last_blocks)
+        if c.selector == "oracle":
+            mass = oracle_block_mass(query, key, bs, scale, c.select_per, causal=True,
+                                     budget_bytes=self.score_budget_bytes)
+            return self._lists(mass, rows_ids, hkv, c.dense_last_blocks)
+
+        r = h // hkv
+        q_bar = block_mean(query, bs).view(b, hkv, r, nb, d)                             # step 1
+        mean = c.key_summary == "mean"
+        keys = RunningBlockSummary.from_keys(key, bs, sum_dtype=torch.float64 if mean else None, minmax=not mean)
+        k_t = None
+        if mean:
+            s_mat = self._srht(layer_idx, d, query.device)                               # step 2
+            q_t, k_t = srht(q_bar, s_mat), srht(keys.mean().float(), s_mat)
+            score_fn = lambda g0, g1: scores_mean(q_t[:, g0:g1], k_t[:, g0:g1], scale)  # noqa: E731  step 3
+        else:                                                                            # step 3b
+            score_fn = lambda g0, g1: scores_minmax(q_bar[:, g0:g1], keys.kmax[:, g0:g1],  # noqa: E731
+                                                    keys.kmin[:, g0:g1], scale)
+        chunk = kv_chunk_size(b, hkv, r, nb, nb, self.score_budget_bytes)
+        a = block_transition(score_fn, hkv, r, c.select_per, causal_block_mask(rows_ids, nb), chunk)  # step 4
+        w = sharpen(a, c.sparsity_exponent)                                              # step 5
+        walk = walk_update(w, self.state.walk_r, c.walk_damping, c.walk_steps)           # step 6
+        self.state.walk_r = walk
+        self._keep_decode_state(layer_idx, keys, k_t, w, query)
+        return self._lists(walk, rows_ids, hkv, c.dense_last_blocks)                   # step 7
+
+    def _select_prefill_triton(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
+                               scale: float) -> BlockLists:
+        """select_prefill's sketchwalk path in Triton (:mod:`sketch_walk.kernels.prefill_selection`: ~6 launches,
+        no host sync): the same lists, walk R, W_cache and decode summaries as the torch path above, up to TF32
+        (fp16 operands from 1536 key blocks on) dot products and summation order (so near-ties may pick differently)."""
+        from .kernels.prefill_selection import sketch_walk_prefill_triton
+        c = self.config
+        n, d = query.shape[2], query.shape[3]
+        res = sketch_walk_prefill_triton(
+            query, key, block_size=c.block_size, scale=scale, key_summary=c.key_summary, select_per=c.select_per,
+            srht_matrix=self._srht(layer_idx, d, query.device) if c.key_summary == "mean" else None,
+            sparsity_exponent=c.sparsity_exponent, walk_damping=c.walk_damping, walk_steps=c.walk_steps,
+            r_prev=self.state.walk_r if c.walk_damping > 0 else None, n_sink=c.n_sink, n_local=c.n_local,
+            top_k_blocks=c.top_k_blocks, dense_last=c.dense_last_blocks)
+        self.state.walk_r = res.walk
+        keys = RunningBlockSummary(block_size=c.block_size, n=n, counts=res.counts, sums=res.sums, kmax=res.kmax,
+                                   kmin=res.kmin)
+        self._keep_decode_state(layer_idx, keys, res.k_t, res.w, query)
+        return res.block_idx, res.block_cnt
+
+    # ------------------------------------------------------------------------------------------
+    def _decode_query(self, st: LayerDecodeState, query: torch.Tensor) -> torch.Tensor:
+        """The query decode scores, (B, H, d): the new one in its own dtype, or with decode_query_window N > 1 the
+        fp32 mean of this layer's last N queries (the prompt's last ones included at the first decode step)."""
+        q_new = query[:, :, 0]
+        window_size = self.config.decode_query_window
+        if window_size <= 1:
+            return q_new
+        q_new = q_new.float().unsqueeze(2)
+        window = q_new if st.q_recent is None else torch.cat([st.q_recent, q_new], dim=2)
+        st.q_recent = window[:, :, -(window_size - 1):]
+        return window.mean(dim=2)
+
+    @torch.no_grad()
+    def select_decode(self, layer_idx: int, module, query: torch.Tensor, key_cache: torch.Tensor) -> BlockLists:
+        c = self.config
+        b, h, one, d = query.shape
+        hkv, n_keys = key_cache.shape[1], key_cache.shape[2]
+        r = h // hkv
+        bs = c.block_size
+        nb = num_blocks(n_keys, bs)
+        row = torch.full((1,), nb - 1, dtype=torch.long, device=query.device)
+        scale = self._scale(module, d)
+        if c.selector == "local":
+            idx, cnt = self._lists(local_scores(nb, 1, query.device), row, hkv, 0)
+            return idx.squeeze(-2), cnt.squeeze(-1)
+        if c.selector == "oracle":
+            mass = oracle_block_mass(query, key_cache, bs, scale, c.select_per, causal=False)  # (B, G', 1, nb)
+            idx, cnt = self._lists(mass, row, hkv, 0)
+            return idx.squeeze(-2), cnt.squeeze(-1)
+
+        st = self.state.layers.get(layer_idx)
+        check_decode_step("Sketch&Walk", layer_idx, None if st is None else st.keys.n, n_keys, "decode state",
+                          "every prompt must go through the sparse prefill first")
+        if self._fused_decode(query.device):
+            return self._select_decode_fused(layer_idx, st, query, key_cache, scale)
+        s_mat = self._srht(layer_idx, d, query.device) if c.key_summary == "mean" else None
+        st.append_key(key_cache[:, :, -1], s_mat)
+
+        q_pool = self._decode_query(st, query).float().view(b, hkv, r, 1, d)
+        if c.key_summary == "mean":
+            q_t = srht(q_pool, s_mat)
+            k_t = st.k_t[:, :, :nb]
+            score_fn = lambda g0, g1: scores_mean(q_t[:, g0:g1], k_t[:, g0:g1], scale)  # noqa: E731
+        else:
+            kmax, kmin = st.keys.kmax[:, :, :nb], st.keys.kmin[:, :, :nb]
+            score_fn = lambda g0, g1: scores_minmax(q_pool[:, g0:g1], kmax[:, g0:g1], kmin[:, g0:g1],  # noqa: E731
+                                                    scale)
+        p = block_transition(score_fn, hkv, r, c.select_per, None, None).squeeze(-2)  # (B, G', nb)
+        w = sharpen(p, c.sparsity_exponent)
+        if c.walk_damping > 0:
+            st.w_cache[:, :, nb - 1, :nb] = w
+            prev = self.state.decode_r if self.state.decode_r_len == n_keys else None
+            rr = walk_row(w, prev, st.w_cache[:, :, :nb, :nb], c.walk_damping, c.walk_steps)
+            self.state.decode_r, self.state.decode_r_len = rr, n_keys
+        else:
+            rr = w
+        idx, cnt = self._lists(rr.unsqueeze(-2), row, hkv, 0)
+        return idx.squeeze(-2), cnt.squeeze(-1)
+
+    # ------------------------------------------------------------------------------------------
+    def _fused_decode(self, device) -> bool:
+        """Whether decode selection runs the Triton kernels: the backend resolves to "triton" (CUDA, or forced
+        with TRITON_INTERPRET=1) and walk_steps is 1 (or the walk is off); otherwise the torch path above."""
+        c = self.config
+        if c.walk_steps != 1 and c.walk_damping > 0:
+            return False
+        return resolve_backend(device, self.backend) == "triton"
+
+    def _select_decode_fused(self, layer_idx: int, st: LayerDecodeState, query: torch.Tensor,
+                             key_cache: torch.Tensor, scale: float) -> BlockLists:
+        """select_decode's sketchwalk path in 3 Triton launches (:mod:`sketch_walk.kernels.decode_select`): the same
+        state updates and lists as the torch path, no host sync, graph-capturable for a given cache length."""
+        from .kernels.decode_select import decode_select_triton
+        c = self.config
+        d = query.shape[-1]
+        n_keys = key_cache.shape[2]
+        new_block = st.keys.n % st.keys.block_size == 0
+        minmax = c.key_summary != "mean"
+        s_mat = None if minmax else self._srht(layer_idx, d, query.device)
+        nb = st.append_key(key_cache[:, :, -1], s_mat, minmax_elsewhere=minmax)
+        q_pool = self._decode_query(st, query)                                       # (B, H, d)
+        if minmax:
+            q_in, summ_a, summ_b = q_pool, st.keys.kmax, st.keys.kmin
+        else:
+            q_in, summ_a, summ_b = srht(q_pool, s_mat), st.k_t, None
+        walk = c.walk_damping > 0
+        prev = self.state.decode_r if walk and self.state.decode_r_len == n_keys else None
+        idx, cnt, rr = decode_select_triton(
+            q_in, summ_a, summ_b, nb, scale, select_per=c.select_per, sparsity_exponent=c.sparsity_exponent,
+            walk_damping=c.walk_damping, n_sink=c.n_sink, n_local=c.n_local, top_k_blocks=c.top_k_blocks,
+            w_cache=st.w_cache if walk else None, r_prev=prev, k_new=key_cache[:, :, -1] if minmax else None,
+            counts=st.keys.counts if minmax else None, new_block=new_block)
+        if walk:
+            self.state.decode_r, self.state.decode_r_len = rr, n_keys
+        return idx, cnt
+
+
+def enable_sketch_walk(model, config: Optional[SketchWalkConfig] = None, backend: Optional[str] = None
+                       ) -> SparseAttentionSession:
+    """Run ``model`` with Sketch&Walk (or its oracle / local controls, ``config.selector``); returns the session.
+
+    ``config`` may be a :class:`SketchWalkConfig` or a dict of its knobs (default: every default).
+    ``backend``: None / "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
+    """
+    if config is None:
+        config = SketchWalkConfig()
+    elif isinstance(config, dict):
+        config = SketchWalkConfig.from_dict(config)
+    elif not isinstance(config, SketchWalkConfig):
+        raise UsageError(f"config must be a SketchWalkConfig or a dict of its knobs, got {type(config).__name__}")
+    return enable_sparse_attention(model, SketchWalkSelector(config), skip_decode=config.skip_decode,
+                                   backend=backend)

@@ -1,4 +1,7 @@
-"""The sketch of Sketch&Walk (ALGORITHM.md prefill steps 1-3b): block pooling, SRHT, key summaries, block scores.
+"""The sketch of Sketch&Walk (docs/ALGORITHM.md prefill steps 2-3b): the SRHT and the block scores.
+
+Step 1 (block pooling) and the key summaries (block means, per-channel max / min) are the shared
+:mod:`sketch_walk.core.block_summary`; SeerAttention's gate pools with the same functions.
 
 Shapes: B batch, H query heads, H_kv key heads, r = H / H_kv, n tokens, d head dim,
 bs tokens per block, n_b = ceil(n / bs) blocks (the last may be partial), k sketch dim.
@@ -8,67 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Tuple
 
 import torch
-
-from .block_sparse import num_blocks
-
-
-# ----------------------------------------------------------------------------------------------
-# Step 1: token-space sketch (block pooling)
-# ----------------------------------------------------------------------------------------------
-
-def block_rows(n: int, block_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Real tokens per block: (n_b,) = [bs, ..., bs, n - (n_b - 1) bs]."""
-    nb = num_blocks(n, block_size)
-    starts = torch.arange(nb, device=device, dtype=torch.int64) * block_size
-    return (n - starts).clamp(max=block_size).to(dtype)      # built on the device: no host-to-device copy
-
-
-def _split_blocks(x: torch.Tensor, block_size: int):
-    """x (..., n, d) -> (full blocks view (..., n_full, bs, d), partial last block (..., r, d) or None); no copy."""
-    n, d = x.shape[-2:]
-    n_full = n // block_size
-    full = x[..., : n_full * block_size, :].reshape(*x.shape[:-2], n_full, block_size, d)
-    rest = x[..., n_full * block_size:, :] if n % block_size else None
-    return full, rest
-
-
-def block_sum(x: torch.Tensor, block_size: int, dtype: torch.dtype = torch.float32,
-              chunk_bytes: int = 1 << 27) -> torch.Tensor:
-    """x (..., n, d) -> per-block sums (..., n_b, d) accumulated in ``dtype`` (a partial last block sums its real tokens).
-
-    No padded copy is made, and a widening sum (bf16 -> fp64) runs over slices of blocks so that its
-    temporary stays under ``chunk_bytes``.
-    """
-    full, rest = _split_blocks(x, block_size)
-    if dtype == x.dtype or full.numel() * torch.finfo(dtype).bits // 8 <= chunk_bytes:
-        out = full.sum(-2, dtype=dtype)
-    else:   # a widening sum may cast its input first: do it a slice of blocks at a time
-        per_block = max(1, full[..., :1, :, :].numel() * torch.finfo(dtype).bits // 8)
-        step = max(1, chunk_bytes // per_block)
-        out = torch.cat([full[..., i:i + step, :, :].sum(-2, dtype=dtype) for i in range(0, full.shape[-3], step)],
-                        dim=-2)
-    if rest is not None:
-        out = torch.cat([out, rest.sum(-2, dtype=dtype).unsqueeze(-2)], dim=-2)
-    return out
-
-
-def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Step 1. x (..., n, d) -> Xbar (..., n_b, d) fp32: Xbar[i] = mean of x over the real tokens of block i."""
-    rows = block_rows(x.shape[-2], block_size, device=x.device)
-    return block_sum(x, block_size) / rows.unsqueeze(-1)
-
-
-def block_minmax(k: torch.Tensor, block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Step 3b summary. k (..., n, d) -> (Kmax, Kmin), each (..., n_b, d) fp32, over each block's real tokens."""
-    full, rest = _split_blocks(k, block_size)
-    kmax, kmin = full.amax(-2).float(), full.amin(-2).float()          # max / min are exact in any dtype
-    if rest is not None:
-        kmax = torch.cat([kmax, rest.amax(-2, keepdim=True).float()], dim=-2)
-        kmin = torch.cat([kmin, rest.amin(-2, keepdim=True).float()], dim=-2)
-    return kmax, kmin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +76,7 @@ def scores_mean(q_t: torch.Tensor, k_t: torch.Tensor, scale: float) -> torch.Ten
     q_t (B, G, r, m, k'): sketched pooled queries, grouped by key head (a chunk of G key heads, each with
     its r query heads); k_t (B, G, n_b, k'): sketched pooled keys of those key heads. Returns
     (B, G, r, m, n_b) fp32, no causal mask (the caller masks). ``scale`` is the attention's (1/sqrt(d) for
-    Llama; ALGORITHM.md writes 1/sqrt(d), a model with another attention scale uses its own).
+    Llama; docs/ALGORITHM.md writes 1/sqrt(d), a model with another attention scale uses its own).
     """
     return torch.einsum("bgrmc,bgnc->bgrmn", q_t, k_t) * scale
 

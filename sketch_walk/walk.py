@@ -1,4 +1,4 @@
-"""The walk of Sketch&Walk (ALGORITHM.md prefill steps 4-6 and the decode row versions).
+"""The walk of Sketch&Walk (docs/ALGORITHM.md prefill steps 4-6 and the decode row versions).
 
 Shapes: B batch, H_kv key heads, r query heads per key head, m query rows (n_b in prefill, 1 in
 decode), n_b key blocks, G' = 1 (select_per "layer") or H_kv (select_per "kv_head").
@@ -76,7 +76,7 @@ def _prev_for(r_prev: torch.Tensor, groups: int) -> torch.Tensor:
     With select_per "kv_head" the walk carries one R per key head, but key head g of layer l-1 and key
     head g of layer l are unrelated (heads are not aligned across layers; layer l's heads all read the
     residual stream that every head of l-1 wrote), so the multi-hop term uses the head-group mean of
-    R_{l-1}. (A choice of this implementation; ALGORITHM.md defines the walk for one R per layer.)
+    R_{l-1}. (A choice of this implementation; docs/ALGORITHM.md defines the walk for one R per layer.)
     """
     if r_prev.shape[1] > 1:
         return r_prev.mean(dim=1, keepdim=True)

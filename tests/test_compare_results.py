@@ -1,7 +1,6 @@
 """compare_results.py on small fake prediction files with known contents (no model runs)."""
 from __future__ import annotations
 
-import importlib.util
 import gzip
 import json
 import math
@@ -11,18 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from eval.ruler.pred import compare_results as cr
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "eval" / "ruler" / "pred" / "compare_results.py"
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("compare_results_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cr = _load()
 
 
 def rec(index, pred, outputs, prefill_s=1.0, decode_s=0.5, density=None, method="dense", depth=None,

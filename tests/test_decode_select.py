@@ -18,7 +18,6 @@ running summaries at the end, close walk rows and W_cache.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import time
 from typing import Dict, List
@@ -27,9 +26,6 @@ import pytest
 import torch
 from interpreter_child import child_results, fresh_seed, run_cases
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 R_BOUND = {"cpu": 1e-5, "cuda": 1e-4}         # ||r - r64|| / ||r64|| (sharpening by s=8 amplifies rounding 8x)
 SEP = 1e-3                                     # relative gap at the top-k boundary that makes lists comparable
@@ -161,7 +157,7 @@ def run_case(case: Dict, device: str, seed: int) -> Dict:
     n_sink, n_local, top_k = case.get("n_sink", 1), case.get("n_local", 1), case.get("top_k", 4)
     scale = 0.125
     knobs = dict(select_per=case.get("select_per", "layer"), sparsity_exponent=case.get("s", 8.0),
-                 walk_damping=case.get("beta", 0.25), n_sink=n_sink, n_local=n_local, top_k=top_k)
+                 walk_damping=case.get("beta", 0.25), n_sink=n_sink, n_local=n_local, top_k_blocks=top_k)
     r64, w64, ka64, kb64, counts64 = reference64(inp, case, scale)
     b = inp["q"].shape[0]
     g_w = r64.shape[1]
@@ -276,12 +272,12 @@ def run_selector_case(case: Dict, device: str, seed: int) -> Dict:
                                                       sels["torch"].state.decode_r.cpu().double()))
     res["secs"] = time.time() - t0
     s0, s1 = sels["torch"].state.layers[1], sels["triton"].state.layers[1]
-    nb = s0.n_blocks
-    res["n_equal"] = s0.n == s1.n == n0 + steps
-    res["counts_exact"] = bool(torch.equal(s0.counts[:nb].cpu(), s1.counts[:nb].cpu()))
-    if s0.kmax is not None:
-        res["minmax_exact"] = bool(torch.equal(s0.kmax[:, :, :nb].cpu(), s1.kmax[:, :, :nb].cpu()) and
-                                   torch.equal(s0.kmin[:, :, :nb].cpu(), s1.kmin[:, :, :nb].cpu()))
+    nb = s0.keys.n_blocks
+    res["n_equal"] = s0.keys.n == s1.keys.n == n0 + steps
+    res["counts_exact"] = bool(torch.equal(s0.keys.counts[:nb].cpu(), s1.keys.counts[:nb].cpu()))
+    if s0.keys.kmax is not None:
+        res["minmax_exact"] = bool(torch.equal(s0.keys.kmax[:, :, :nb].cpu(), s1.keys.kmax[:, :, :nb].cpu()) and
+                                   torch.equal(s0.keys.kmin[:, :, :nb].cpu(), s1.keys.kmin[:, :, :nb].cpu()))
     if s0.w_cache is not None:
         res["w_cache_err"] = _rel(s1.w_cache[:, :, :nb, :nb].cpu(), s0.w_cache[:, :, :nb, :nb].cpu().double())
     return res
@@ -363,13 +359,14 @@ def test_selector_decode_cuda_graph_replay():
     for layer in (2, 3):
         sel.select_prefill(layer, None, q[:, :, :n - 1], k[:, :, :n - 1])
     assert sel._fused_decode(q.device)
-    saved = {layer: (st.kmax.clone(), st.kmin.clone(), st.counts.clone()) for layer, st in sel.state.layers.items()}
+    saved = {layer: (st.keys.kmax.clone(), st.keys.kmin.clone(), st.keys.counts.clone())
+             for layer, st in sel.state.layers.items()}
 
     def rewind():                                   # the same step again: host counters and device summaries
         sel.state.decode_r_len = -1
         for layer, st in sel.state.layers.items():
-            st.n = n - 1
-            for dst, src in zip((st.kmax, st.kmin, st.counts), saved[layer]):
+            st.keys.n = n - 1
+            for dst, src in zip((st.keys.kmax, st.keys.kmin, st.keys.counts), saved[layer]):
                 dst.copy_(src)
 
     def step():

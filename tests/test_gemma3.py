@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 
 import pytest
 import torch
 
-import sketch_walk.hook as hook_mod
-import sketch_walk.model_loader as ml
+import sketch_walk.core.hook as hook_mod
+import eval.ruler.model_loader as ml
 from sketch_walk import SketchWalkConfig, enable_sketch_walk
-from sketch_walk.block_sparse import attended_pairs_prefill, causal_pairs
-from sketch_walk.errors import UsageError
+from sketch_walk.core.block_sparse import attended_pairs_prefill, causal_pairs
+from sketch_walk.core.errors import UsageError
 from greedy import greedy_run
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _sub in ("eval/ruler/pred", "eval/ruler/data"):      # RULER's scripts import each other by file name
-    if os.path.join(REPO, _sub) not in sys.path:
-        sys.path.insert(0, os.path.join(REPO, _sub))
 
 LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
 FULL, SLIDING = [2, 5], [0, 1, 3, 4]
@@ -116,7 +111,7 @@ def test_sliding_layers_through_the_window_kernel_path(gemma_clean, monkeypatch)
     lists (the kernel's window mask is checked against float64 in test_kernels.py); here the hook's side:
     the routing, the lists, the scale and the layout give the dense logits. The backend decision is forced
     to 'triton' and the attention run by the PyTorch reference with the same window."""
-    import sketch_walk.block_sparse as bsp
+    import sketch_walk.core.block_sparse as bsp
     model, ids = gemma_clean, prompt(3)
     ref_logits, ref_toks = greedy_run(model, ids, STEPS)
     seen = []
@@ -184,7 +179,7 @@ def test_density_report_per_layer_and_type(gemma_clean, monkeypatch):
     assert by["sliding"]["decode"] == pytest.approx(dec_sliding)
     assert by["sparse"]["prefill"] == pytest.approx(selected) and by["dense"]["prefill"] == 1.0
     assert rep["prefill"] == pytest.approx(sum(want) / 6)
-    from model_wrappers import density_stats
+    from eval.ruler.pred.model_wrappers import density_stats
     stats = density_stats(rep)
     assert stats["density_by_layer_type"]["sliding"]["prefill"] == pytest.approx(window_density(N, W), abs=1e-6)
 
@@ -260,7 +255,7 @@ def test_heads_first_layouts():
 
 def test_distillation_ground_truth_is_the_models_attention(gemma_clean):
     from seer_attn import SeerAttnConfig
-    from seer_attn.train_gates import FeatureExtractor
+    from seer_attn.distill import FeatureExtractor
     model, ids = gemma_clean, prompt(4)[:, :70]
     cfg = SeerAttnConfig.for_model(model, "tiny-gemma3", block_size=BS, gate_hidden=64)
     fx = FeatureExtractor(model, cfg)
@@ -431,7 +426,7 @@ class _FakeWrapper:
 
 
 def test_base_template_writes_the_bos_the_tokenizer_would_add():
-    from template import ModelTemplate, select_template
+    from eval.ruler.data.template import ModelTemplate, select_template
     gemma_like = _FakeWrapper(_FakeHF("<bos>", 2, True))
     t = select_template(None, gemma_like)
     assert t.template_type == "base" and t.render("task") == "<bos>task"

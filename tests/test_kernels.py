@@ -10,12 +10,11 @@ On a CUDA machine the same cases run in-process in bf16 (and a few larger ones).
 Every check: fresh random inputs (the seed is printed), outputs poisoned with NaN before the
 call and passed in as ``out``/``lse`` (so an unwritten element fails), reference =
 ``block_sparse_*_reference`` on the inputs upcast to float64, relative error
-||out - ref|| / ||ref|| within METHOD.md's bounds (fp32 far under 1e-3, fp16 ~1e-3, bf16
+||out - ref|| / ||ref|| within the usual bounds (fp32 far under 1e-3, fp16 ~1e-3, bf16
 1e-3..1e-2), lse compared on finite entries with the -inf pattern identical.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Dict, List
@@ -24,9 +23,6 @@ import pytest
 import torch
 from interpreter_child import child_results, fresh_seed, run_cases
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 # out bound, lse bound, per input dtype (interpreter fp32 dots are exact fp32; GPU fp32 dots are tf32)
 BOUNDS = {"float32": (1e-5, 1e-5), "float16": (2e-3, 1e-4), "bfloat16": (1e-2, 1e-3)}
@@ -88,7 +84,7 @@ GPU_PREFILL_CASES: List[Dict] = [
 # ----------------------------------------------------------------------------------------------
 
 def make_prefill_lists(b: int, hkv: int, nb: int, kind: str, gen: torch.Generator, k: int = 4):
-    """(block_idx, block_cnt) per the format of sketch_walk.block_sparse; entries past the count hold junk."""
+    """(block_idx, block_cnt) per the format of sketch_walk.core.block_sparse; entries past the count hold junk."""
     tril = torch.ones(nb, nb, dtype=torch.bool).tril()
     eye = torch.eye(nb, dtype=torch.bool)
     if kind == "full":
@@ -164,8 +160,8 @@ def _lse_check(lse: torch.Tensor, ref: torch.Tensor):
 
 
 def run_prefill_case(case: Dict, device: str, dtype: torch.dtype, seed: int) -> Dict:
-    from sketch_walk.block_sparse import block_sparse_attention_reference
-    from sketch_walk.kernels.block_sparse_prefill import block_sparse_attention_triton, default_hpp
+    from sketch_walk.core.block_sparse import block_sparse_attention_reference
+    from sketch_walk.core.kernels.block_sparse_prefill import block_sparse_attention_triton, default_hpp
     gen = torch.Generator().manual_seed(seed)
     b, h, hkv, n, d, bs = (case[x] for x in ("b", "h", "hkv", "n", "d", "bs"))
     nb = (n + bs - 1) // bs
@@ -177,7 +173,7 @@ def run_prefill_case(case: Dict, device: str, dtype: torch.dtype, seed: int) -> 
     v = torch.randn(b, hkv, n, d, generator=gen)
     window = case.get("window")
     if case["lists"] == "window":
-        from sketch_walk.block_sparse import window_block_lists
+        from sketch_walk.core.block_sparse import window_block_lists
         idx, cnt = window_block_lists(n, bs, window, b, hkv)
     else:
         idx, cnt = make_prefill_lists(b, hkv, nb, case["lists"], gen, case.get("k", 4))
@@ -212,8 +208,8 @@ def run_prefill_case(case: Dict, device: str, dtype: torch.dtype, seed: int) -> 
 
 
 def run_decode_case(case: Dict, device: str, dtype: torch.dtype, seed: int) -> Dict:
-    from sketch_walk.block_sparse import block_sparse_decode_reference
-    from sketch_walk.kernels.block_sparse_decode import block_sparse_decode_triton
+    from sketch_walk.core.block_sparse import block_sparse_decode_reference
+    from sketch_walk.core.kernels.block_sparse_decode import block_sparse_decode_triton
     gen = torch.Generator().manual_seed(seed)
     b, h, hkv, n, d, bs = (case[x] for x in ("b", "h", "hkv", "n", "d", "bs"))
     nb = (n + bs - 1) // bs
@@ -307,7 +303,7 @@ def test_decode_gpu(case):
 @cuda_only
 def test_prefill_gpu_every_config():
     """Every configuration of the autotune space is right, not only the one autotuning picks."""
-    from sketch_walk.kernels.block_sparse_prefill import candidate_configs
+    from sketch_walk.core.kernels.block_sparse_prefill import candidate_configs
     base = dict(b=1, h=32, hkv=8, n=1000, d=128, bs=64, lists="random")
     for cfg in candidate_configs(4, 64, 128):
         c = dict(base, cfg=dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
@@ -317,7 +313,7 @@ def test_prefill_gpu_every_config():
 @cuda_only
 def test_prefill_gpu_every_window_config():
     """The same for the windowed autotune space (Gemma-3's geometry: one key head, d 256, window 512)."""
-    from sketch_walk.kernels.block_sparse_prefill import candidate_configs
+    from sketch_walk.core.kernels.block_sparse_prefill import candidate_configs
     base = dict(b=1, h=4, hkv=1, n=1500, d=256, bs=64, lists="window", window=512)
     for cfg in candidate_configs(4, 64, 256, windowed=True):
         c = dict(base, cfg=dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
@@ -329,7 +325,7 @@ def test_prefill_gpu_every_window_config():
 def test_windowed_configs_are_unpipelined(geometry):
     """Windowed launches never pipeline the key loop (WINDOW_NUM_STAGES: Triton 3.6 miscompiled it on the
     H100), also where no tuned config fits and the fallback is used; unwindowed ones keep their stages."""
-    from sketch_walk.kernels.block_sparse_prefill import WINDOW_NUM_STAGES, candidate_configs
+    from sketch_walk.core.kernels.block_sparse_prefill import WINDOW_NUM_STAGES, candidate_configs
     windowed = candidate_configs(*geometry, windowed=True)
     assert windowed and all(c.num_stages == WINDOW_NUM_STAGES == 1 for c in windowed)
     assert all(c.num_stages >= 2 for c in candidate_configs(*geometry))

@@ -1,24 +1,13 @@
-"""results/ruler/make_tables.py --root: the README tables of a results folder other than SmolLM2's
+"""eval/ruler/make_tables.py --root: the README tables of a results folder other than SmolLM2's
 (Gemma-3: no SeerAttn rows, density per layer type, end-to-end seconds), from compare_results.py's
 own files made from small fake prediction files."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, REPO / path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cr = _load("eval/ruler/pred/compare_results.py", "compare_results_for_tables")
-mt = _load("results/ruler/make_tables.py", "make_tables_under_test")
+from eval.ruler import make_tables as mt
+from eval.ruler.pred import compare_results as cr
 
 
 def write_run(folder: Path, task, length, correct, method="dense", density=None, prefill_s=1.0, decode_s=2.0):

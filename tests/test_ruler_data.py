@@ -9,7 +9,6 @@ HotpotQA-shaped files; nothing here touches the network.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from eval.ruler.data.synthetic import constants as data_constants
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -35,16 +36,7 @@ ESSAY_TASKS = ["niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiv
 FIELDS = ["index", "input", "outputs", "length", "length_w_model_temp", "answer_prefix", "token_position_answer",
           "depth"]
 
-
-def _load(name: str, relpath: str):
-    """Import one of the data files under a private name (the generic name 'constants' is shared)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TASKS = _load("_ruler_data_constants", "eval/ruler/data/synthetic/constants.py").TASKS
+TASKS = data_constants.TASKS
 CONFIG_TASKS = yaml.safe_load((REPO / CONFIG).read_text())
 
 
@@ -70,7 +62,7 @@ def read(path) -> list:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from sketch_walk.model_loader import load_tokenizer
+    from eval.ruler.model_loader import load_tokenizer
 
     return load_tokenizer("smollm2")
 
@@ -382,7 +374,7 @@ def test_nemo_tokenizer_is_imported_only_when_asked(tmp_path):
 
 
 def test_atomic_manifest_write(tmp_path):
-    manifest = _load("_ruler_manifest_utils", "eval/ruler/data/manifest_utils.py")
+    from eval.ruler.data import manifest_utils as manifest
     target = tmp_path / "task" / "validation.jsonl"
     manifest.write_manifest(target, [{"index": 0, "input": "x"}])
     before = target.read_bytes()
@@ -398,7 +390,7 @@ def test_atomic_manifest_write(tmp_path):
 
 
 def test_zeta_matches_known_values():
-    proc = run("-c", "import sys; sys.path.insert(0, 'eval/ruler/data/synthetic'); import math, common; "
+    proc = run("-c", "import math; from eval.ruler.data.synthetic import common; "
                "print(abs(common.zeta(2.0) - math.pi ** 2 / 6), abs(common.zeta(3.0) - 1.2020569031595942), "
                "abs(common.zeta(1.5) - 2.612375348685488))")
     assert proc.returncode == 0, proc.stderr

@@ -5,7 +5,6 @@ Prediction files are written by hand here (RULER's record format), so no model i
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,19 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from eval.ruler.eval import evaluate
+from eval.ruler.eval.synthetic import constants
+
 REPO = Path(__file__).resolve().parents[1]
 EVAL = REPO / "eval" / "ruler" / "eval"
 
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = _load(EVAL / "evaluate.py", "ruler_evaluate_under_test")
-constants = _load(EVAL / "synthetic" / "constants.py", "ruler_eval_constants_under_test")
 
 
 def rec(index, pred, outputs, **others):

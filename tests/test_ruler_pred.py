@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from eval.ruler.pred import call_api
+from eval.ruler.pred import model_wrappers as mw
+
 REPO = Path(__file__).resolve().parents[1]
 PRED = REPO / "eval" / "ruler" / "pred"
-sys.path.insert(0, str(PRED))
-
-import call_api  # noqa: E402
-import model_wrappers as mw  # noqa: E402
 
 HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLES = [("apple", "4821937"), ("river", "7305512"), ("candle", "6612048"), ("meadow", "1938475")]
@@ -41,7 +40,7 @@ def _env():
 def make_niah_data(data_dir: Path, n: int = 2, repeats: int = 6, task: str = "niah_single_1",
                    duplicate_index: bool = False) -> list:
     """A few short niah-like samples in RULER's data format, templated with SmolLM2's chat template."""
-    from sketch_walk.model_loader import load_tokenizer
+    from eval.ruler.model_loader import load_tokenizer
 
     tok = load_tokenizer("smollm2")
     hay = HAYSTACK * repeats
@@ -73,25 +72,6 @@ def read_jsonl(path: Path) -> list:
 def run_cli(script: str, *args, timeout=300, **kw):
     return subprocess.run([sys.executable, str(PRED / script), *map(str, args)], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=timeout, **kw)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A tiny random Llama with SmolLM2's tokenizer, as a local Hugging Face folder (plumbing only)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sketch_walk.model_loader import load_tokenizer
-
-    tok = load_tokenizer("smollm2")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +406,7 @@ def test_sketchwalk_plumbing_with_fake_session(fake_sketch_walk, tiny_model, tmp
 
 
 def test_eval_sketchwalk_outputs_with_fake_session(fake_sketch_walk, tiny_model, tmp_path, capsys):
-    import eval_sketchwalk
+    from eval.ruler.pred import eval_sketchwalk
 
     make_niah_data(tmp_path / "data", n=3, repeats=1)
     out_dir = tmp_path / "results" / "sketchwalk"
@@ -455,7 +435,7 @@ def test_eval_sketchwalk_outputs_with_fake_session(fake_sketch_walk, tiny_model,
 
 
 def test_eval_sketchwalk_missing_checkpoint_says_how_to_make_one(tmp_path, capsys):
-    import eval_sketchwalk
+    from eval.ruler.pred import eval_sketchwalk
 
     make_niah_data(tmp_path / "data", n=1, repeats=1)
     with pytest.raises(SystemExit) as exc:
@@ -480,7 +460,10 @@ def test_seerattn_plumbing_with_fake_session(monkeypatch, tiny_model, tmp_path):
     make_niah_data(tmp_path / "data", n=1, repeats=1)
     ckpt = tmp_path / "seer"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({"method": "seer_attn", "base_model": tiny_model}))
+    from seer_attn import SeerAttnConfig        # a whole config: the registry validates it before the model loads
+
+    cfg = SeerAttnConfig(base_model=tiny_model, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16)
+    (ckpt / "config.json").write_text(json.dumps(cfg.to_json()))
     args = call_api.parse_args([str(a) for a in _api(tmp_path, str(ckpt), "--server_type", "seerattn",
                                                      "--threshold", "0.1", "--max_new_tokens", "2",
                                                      "--no-warmup")])
@@ -494,7 +477,7 @@ def test_seerattn_plumbing_with_fake_session(monkeypatch, tiny_model, tmp_path):
 # --------------------------------------------------------------------------- real sessions (integration)
 def test_sketchwalk_real_session_on_tiny_model(tiny_model, tmp_path):
     """The real enable_sketch_walk through call_api: measured density lands in every record."""
-    pytest.importorskip("sketch_walk.hook")
+    pytest.importorskip("sketch_walk.core.hook")
     make_niah_data(tmp_path / "data", n=3, repeats=2)
     args = call_api.parse_args(_api(tmp_path, tiny_model, "--server_type", "SketchWalk", "--block_size", "16",
                                     "--top_k_blocks", "2", "--dense_layers", "0", "--max_new_tokens", "3",

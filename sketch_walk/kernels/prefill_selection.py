@@ -1,4 +1,4 @@
-"""Sketch&Walk prefill selection (ALGORITHM.md steps 1-7) on the GPU: the Triton kernels composed.
+"""Sketch&Walk prefill selection (docs/ALGORITHM.md steps 1-7) on the GPU: the Triton kernels composed.
 
 :meth:`sketch_walk.SketchWalkSelector.select_prefill` runs this when the backend resolves to "triton" (CUDA, or
 TRITON_INTERPRET=1 with the backend forced); the torch path (:mod:`sketch_walk.sketch`, :mod:`sketch_walk.walk`,
@@ -87,7 +87,7 @@ def sketch_walk_prefill_triton(query: torch.Tensor, key: torch.Tensor, *, block_
                                srht_matrix: Optional[torch.Tensor] = None, sparsity_exponent: float = 8.0,
                                walk_damping: float = 0.25, walk_steps: int = 1,
                                r_prev: Optional[torch.Tensor] = None, n_sink: int = 1, n_local: int = 1,
-                               top_k: int = 16, dense_last: int = 0,
+                               top_k_blocks: int = 16, dense_last: int = 0,
                                head_split: Optional[int] = None) -> PrefillSelection:
     """Steps 1-7 for one sparse layer. query (B, H, n, d), key (B, H_kv, n, d) (after RoPE, any float dtype);
     srht_matrix (k', d) fp32 for key_summary "mean"; r_prev (B, G_prev, n_b, n_b) the previous sparse layer's R
@@ -102,10 +102,10 @@ def sketch_walk_prefill_triton(query: torch.Tensor, key: torch.Tensor, *, block_
     part = _transition(ops, scale, select_per, head_split=head_split)               # step 4
     split, _, gp, nb, _ = part.shape
 
-    budget = n_sink + n_local + top_k
+    budget = n_sink + n_local + top_k_blocks
     idx = torch.empty(b, hkv, nb, max_kept_for(nb, budget, dense_last), dtype=torch.int32, device=query.device)
     cnt = torch.empty(b, hkv, nb, dtype=torch.int32, device=query.device)
-    sel = dict(lists=(idx, cnt), n_sink=n_sink, n_local=n_local, top_k=top_k, dense_last=dense_last)
+    sel = dict(lists=(idx, cnt), n_sink=n_sink, n_local=n_local, top_k_blocks=top_k_blocks, dense_last=dense_last)
     sharpen_mode = 1 if sparsity_exponent == 1.0 else 2                           # s = 1: rownorm (walk.sharpen)
     w = part[0] if split == 1 else torch.empty(b, gp, nb, nb, dtype=torch.float32, device=query.device)
     if walk_damping == 0.0:                                                        # one-hop: R = W
@@ -133,7 +133,7 @@ def stage_callables(query: torch.Tensor, key: torch.Tensor, *, block_size: int, 
                     key_summary: str = "minmax", select_per: str = "layer",
                     srht_matrix: Optional[torch.Tensor] = None, sparsity_exponent: float = 8.0,
                     walk_damping: float = 0.25, r_prev: Optional[torch.Tensor] = None, n_sink: int = 1,
-                    n_local: int = 1, top_k: int = 16, dense_last: int = 0,
+                    n_local: int = 1, top_k_blocks: int = 16, dense_last: int = 0,
                     other_precisions: tuple = ()) -> dict:
     """{stage name: zero-argument callable} running each launch of :func:`sketch_walk_prefill_triton` (walk_steps
     1) alone on inputs prepared once, for a timing breakdown (benchmarks/attention_speed.py). The row passes run
@@ -143,10 +143,10 @@ def stage_callables(query: torch.Tensor, key: torch.Tensor, *, block_size: int, 
     part = _transition(ops, scale, select_per)
     split, b, gp, nb, _ = part.shape
     hkv = key.shape[1]
-    budget = n_sink + n_local + top_k
+    budget = n_sink + n_local + top_k_blocks
     idx = torch.empty(b, hkv, nb, max_kept_for(nb, budget, dense_last), dtype=torch.int32, device=query.device)
     cnt = torch.empty(b, hkv, nb, dtype=torch.int32, device=query.device)
-    sel = dict(lists=(idx, cnt), n_sink=n_sink, n_local=n_local, top_k=top_k, dense_last=dense_last)
+    sel = dict(lists=(idx, cnt), n_sink=n_sink, n_local=n_local, top_k_blocks=top_k_blocks, dense_last=dense_last)
     mode = 1 if sparsity_exponent == 1.0 else 2
     part_scratch = part.clone()
     w = torch.empty(b, gp, nb, nb, dtype=torch.float32, device=query.device)

@@ -9,11 +9,11 @@ lives in registers. In order, each enabled by a flag:
     fp32 underflow to ties);
   * WRITE: the row to Out (may be X itself: the program reads its row before writing it);
   * SELECT: step 7, exactly :func:`sketch_walk.selection.select_blocks` + ``expand_to_kv_heads`` on the row:
-    keep sink {0..n_sink-1}, local {i-n_local+1..i} and the top_k candidates (n_sink <= j <= i - n_local) by
+    keep sink {0..n_sink-1}, local {i-n_local+1..i} and the top_k_blocks candidates (n_sink <= j <= i - n_local) by
     (score, index) -- score = max(x, 0) with NaN -> 0 and +inf -> FLT_MAX, ties to the higher index; rows
-    with i + 1 <= n_sink + n_local + top_k, or i >= n_b - dense_last, are dense. The threshold (the top_k-th
-    largest candidate) comes from top_k max-reductions over unique int64 keys (fp32 bits << 32 | j;
-    non-negative floats order as their bits) when top_k <= 8, else from a bisection on the fp32 bit pattern
+    with i + 1 <= n_sink + n_local + top_k_blocks, or i >= n_b - dense_last, are dense. The threshold (the top_k_blocks-th
+    largest candidate) comes from top_k_blocks max-reductions over unique int64 keys (fp32 bits << 32 | j;
+    non-negative floats order as their bits) when top_k_blocks <= 8, else from a bisection on the fp32 bit pattern
     (31 count-reductions) with ties at the threshold resolved by a reverse cumulative count; the kept
     set is written ascending through a cumulative sum (scatter), -1 past the count, to every key head of the
     group (select_per "layer": all H_kv heads get the same list).
@@ -28,12 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import pow2
+from ..core.kernels._launch import pow2
 
-# top_k up to this: TOP_K int64 max-reductions; above: the 31-step bisection (int32 count-reductions). Measured
-# on the H100 at top_k 16 (benchmarks/results/selection_speed_*.json), 4 warps: the bisection 0.070 ms vs 0.096
+# top_k_blocks up to this: TOP_K_BLOCKS int64 max-reductions; above: the 31-step bisection (int32 count-reductions). Measured
+# on the H100 at top_k_blocks 16 (benchmarks/results/selection_speed_*.json), 4 warps: the bisection 0.070 ms vs 0.096
 # at n_b 2048, 0.025 vs 0.027 at 1024, so one int64 max-reduction costs about three count-reductions: the crossover
-# lies near top_k 10.
+# lies near top_k_blocks 10.
 ITERATIVE_MAX_K = 8
 
 
@@ -45,11 +45,11 @@ def _row_select_kernel(
     stride_ob, stride_og, stride_om,
     stride_ib, stride_ih, stride_im,
     stride_cb, stride_ch,
-    GP, H_KV, N_BLOCKS, SPLIT, MAX_KEPT, N_SINK, N_LOCAL, TOP_K, DENSE_FROM,
+    GP, H_KV, N_BLOCKS, SPLIT, MAX_KEPT, N_SINK, N_LOCAL, TOP_K_BLOCKS, DENSE_FROM,
     MODE: tl.constexpr,             # 0: as read; 1: rownorm; 2: softmax(s_exp * log x)
     WRITE: tl.constexpr,
     SELECT: tl.constexpr,
-    ITERATIVE: tl.constexpr,        # top-k by TOP_K max-reductions (small TOP_K) instead of the 31-step bisection
+    ITERATIVE: tl.constexpr,        # top-k by TOP_K_BLOCKS max-reductions (small TOP_K_BLOCKS) instead of the 31-step bisection
     BLOCK_N: tl.constexpr,          # pow2 >= N_BLOCKS
 ):
     i = tl.program_id(0)
@@ -60,7 +60,7 @@ def _row_select_kernel(
     causal = j <= i                                   # (i < N_BLOCKS, so also j < N_BLOCKS)
 
     # The causal mask makes the loads 4 bytes wide (i varies per program) but skips the upper triangle: half
-    # the bytes. Unmasked 16-byte loads of whole rows measured slower (benchmarks/NOTES.md, session 5).
+    # the bytes. Unmasked 16-byte loads of whole rows measured slower (docs/PERFORMANCE.md).
     x_ptr = X + b * stride_xb + gp * stride_xg + i.to(tl.int64) * stride_xm + j
     x = tl.load(x_ptr, mask=causal, other=0.0)
     for sp in range(1, SPLIT):
@@ -76,30 +76,30 @@ def _row_select_kernel(
         tl.store(Out + b * stride_ob + gp * stride_og + i.to(tl.int64) * stride_om + j, x, mask=j < N_BLOCKS)
 
     if SELECT:
-        budget = N_SINK + N_LOCAL + TOP_K
+        budget = N_SINK + N_LOCAL + TOP_K_BLOCKS
         dense = (i + 1 <= budget) | (i >= DENSE_FROM)
         sc = tl.where(x > 0, tl.minimum(x, 3.4028234663852886e38), 0.0)     # NaN, -inf, -0.0, < 0 -> 0
         cand = (j >= N_SINK) & (j <= i - N_LOCAL)
         bits = tl.where(cand, sc.to(tl.int32, bitcast=True), -1)
         if ITERATIVE:
-            # small top_k: TOP_K max-reductions over unique int64 keys (bits << 32 | j; ties -> higher j)
+            # small top_k_blocks: TOP_K_BLOCKS max-reductions over unique int64 keys (bits << 32 | j; ties -> higher j)
             keys = tl.where(cand, (bits.to(tl.int64) << 32) | j.to(tl.int64), -1)
             work = keys
             thr = tl.max(work, 0)
-            for _k in range(1, TOP_K):
+            for _k in range(1, TOP_K_BLOCKS):
                 work = tl.where(work == thr, -1, work)
                 thr = tl.max(work, 0)
             top = keys >= thr
         else:
-            # t = the TOP_K-th largest candidate bit pattern: the largest t with #{bits >= t} >= TOP_K
+            # t = the TOP_K_BLOCKS-th largest candidate bit pattern: the largest t with #{bits >= t} >= TOP_K_BLOCKS
             t = tl.sum(tl.zeros([BLOCK_N], dtype=tl.int32), 0)
             for k in range(0, 31):
                 c = t | (1 << (30 - k))
                 n_ge = tl.sum((bits >= c).to(tl.int32), 0)
-                t = tl.where(n_ge >= TOP_K, c, t)
+                t = tl.where(n_ge >= TOP_K_BLOCKS, c, t)
             gt = bits > t
             eq = bits == t
-            need = TOP_K - tl.sum(gt.to(tl.int32), 0)
+            need = TOP_K_BLOCKS - tl.sum(gt.to(tl.int32), 0)
             rank = tl.cumsum(eq.to(tl.int32), 0, reverse=True)      # ties: the more recent blocks first
             top = gt | (eq & (rank <= need))
         kept = tl.where(dense, causal, (j < N_SINK) | ((j > i - N_LOCAL) & causal) | top)
@@ -133,7 +133,7 @@ def _placeholder(device: torch.device) -> torch.Tensor:
 
 def row_pass_triton(x: torch.Tensor, mode: int = 0, s_exp: float = 1.0, out: Optional[torch.Tensor] = None,
                     lists: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, n_sink: int = 1, n_local: int = 1,
-                    top_k: int = 16, dense_last: int = 0, num_warps: Optional[int] = None,
+                    top_k_blocks: int = 16, dense_last: int = 0, num_warps: Optional[int] = None,
                     iterative: Optional[bool] = None) -> None:
     """One launch over the rows of x: (S, B, G', n_b, n_b) partials or (B, G', n_b, n_b), fp32, last stride 1.
 
@@ -161,8 +161,8 @@ def row_pass_triton(x: torch.Tensor, mode: int = 0, s_exp: float = 1.0, out: Opt
                 idx.dtype != torch.int32 or cnt.dtype != torch.int32 or idx.stride(-1) != 1 or max_kept > nb:
             raise ValueError(f"lists {tuple(idx.shape)} {idx.dtype} / {tuple(cnt.shape)} {cnt.dtype} do not fit "
                              f"{(b, gp, nb)}")
-        if top_k < 1 or n_sink < 0 or n_local < 0:
-            raise ValueError("top_k >= 1, n_sink >= 0, n_local >= 0")
+        if top_k_blocks < 1 or n_sink < 0 or n_local < 0:
+            raise ValueError("top_k_blocks >= 1, n_sink >= 0, n_local >= 0")
         i_strides = (idx.stride(0), idx.stride(1), idx.stride(2))
         c_strides = (cnt.stride(0), cnt.stride(1))
         dense_from = nb - dense_last if dense_last > 0 else nb
@@ -176,35 +176,35 @@ def row_pass_triton(x: torch.Tensor, mode: int = 0, s_exp: float = 1.0, out: Opt
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         o.stride(0), o.stride(1), o.stride(2),
         *i_strides, *c_strides,
-        gp, hkv, nb, split, max_kept, n_sink, n_local, top_k, dense_from,
+        gp, hkv, nb, split, max_kept, n_sink, n_local, top_k_blocks, dense_from,
         MODE=int(mode), WRITE=out is not None, SELECT=lists is not None,
-        ITERATIVE=(top_k <= ITERATIVE_MAX_K) if iterative is None else bool(iterative),
+        ITERATIVE=(top_k_blocks <= ITERATIVE_MAX_K) if iterative is None else bool(iterative),
         BLOCK_N=bn, num_warps=num_warps or _warps(bn))
 
 
-def select_blocks_triton(scores: torch.Tensor, n_sink: int, n_local: int, top_k: int, dense_last: int = 0,
+def select_blocks_triton(scores: torch.Tensor, n_sink: int, n_local: int, top_k_blocks: int, dense_last: int = 0,
                          n_kv: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Prefill step 7 in one launch: scores (B, G', n_b, n_b) fp32 -> lists (B, n_kv, n_b, max_kept), (B, n_kv, n_b).
 
-    Equals ``expand_to_kv_heads(*select_blocks(scores, arange(n_b), n_sink, n_local, top_k, dense_last), n_kv)``
+    Equals ``expand_to_kv_heads(*select_blocks(scores, arange(n_b), n_sink, n_local, top_k_blocks, dense_last), n_kv)``
     (:func:`select_blocks_reference`) exactly, ties included; entries j > i are ignored (read as 0).
     """
     from ..selection import max_kept_for
     b, gp, nb, _ = scores.shape
     n_kv = n_kv or gp
-    width = max_kept_for(nb, n_sink + n_local + top_k, dense_last)
+    width = max_kept_for(nb, n_sink + n_local + top_k_blocks, dense_last)
     idx = torch.empty(b, n_kv, nb, width, dtype=torch.int32, device=scores.device)
     cnt = torch.empty(b, n_kv, nb, dtype=torch.int32, device=scores.device)
-    row_pass_triton(scores.float().contiguous(), 0, lists=(idx, cnt), n_sink=n_sink, n_local=n_local, top_k=top_k,
+    row_pass_triton(scores.float().contiguous(), 0, lists=(idx, cnt), n_sink=n_sink, n_local=n_local, top_k_blocks=top_k_blocks,
                     dense_last=dense_last)
     return idx, cnt
 
 
-def select_blocks_reference(scores: torch.Tensor, n_sink: int, n_local: int, top_k: int, dense_last: int = 0,
+def select_blocks_reference(scores: torch.Tensor, n_sink: int, n_local: int, top_k_blocks: int, dense_last: int = 0,
                             n_kv: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The torch path: :func:`sketch_walk.selection.select_blocks` then ``expand_to_kv_heads``."""
     from ..selection import expand_to_kv_heads, select_blocks
     nb = scores.shape[-1]
-    idx, cnt = select_blocks(scores, torch.arange(nb, device=scores.device), n_sink, n_local, top_k,
+    idx, cnt = select_blocks(scores, torch.arange(nb, device=scores.device), n_sink, n_local, top_k_blocks,
                              dense_last=dense_last)
     return expand_to_kv_heads(idx, cnt, n_kv or scores.shape[1])

@@ -14,7 +14,7 @@ Grid (row tiles reversed, column tiles, B * G'). Products are tl.dot in TF32 on 
 cancellation, ~1e-3 relative at worst per entry, far below what changes a top-k; the interpreter is exact fp32).
 ``precision="bf16"`` rounds both tiles to bf16 in registers first (fp32's exponent range, so no probability
 flushes; 8-bit mantissa, ~4e-3 relative): 0.045 vs 0.105 ms at 128K on the H100, with 99.8% of rows keeping
-the same top-16 set on the benchmark's layer (benchmarks/NOTES.md, session 5). An option, not the default:
+the same top-16 set on the benchmark's layer (docs/PERFORMANCE.md). An option, not the default:
 TF32 keeps the lists closer to the torch reference's.
 
 Bounds: when n_b is a multiple of 128 (every tile size here divides it: 8K, 16K, ... tokens at block 64) the
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import TunedKernel, cdiv, pow2
+from ..core.kernels._launch import TunedKernel, cdiv, pow2
 
 WALK_PRECISIONS = ("tf32", "tf32x3", "ieee", "bf16")
 EVEN_MULTIPLE = 128             # n_b a multiple of this: every tile size divides it (no bounds masks)

@@ -38,14 +38,13 @@ import os
 import sys
 import time
 
+import yaml
+
+from eval.ruler.cli import OneLineParser, UsageError, cli_main
+from eval.ruler.data.template import TEMPLATE_TYPES, select_template
+from eval.ruler.data.tokenizer import TOKENIZER_TYPES, select_tokenizer
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import yaml  # noqa: E402
-
-from tokenizer import TOKENIZER_TYPES, UsageError, select_tokenizer  # noqa: E402
-from sketch_walk.errors import cli_main  # noqa: E402  (tokenizer.py made sketch_walk importable)
-from template import TEMPLATE_TYPES, select_template  # noqa: E402
 
 DEFAULTS = {"max_seq_length": 4096, "num_samples": 5, "tokenizer_type": "hf"}
 
@@ -62,14 +61,9 @@ def _int_flag(low: int):
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Prepare RULER synthetic task data (jsonl).")
+    p = OneLineParser(description="Prepare RULER synthetic task data (jsonl).")
     p.add_argument("--save_dir", type=str, default=HERE, help="dataset folder to save dataset (default: this folder)")
     p.add_argument("--benchmark", type=str, default="synthetic", help="Options: [synthetic]")
     p.add_argument("--task", type=str, default=None,
@@ -139,9 +133,8 @@ def main(argv=None) -> int:
     benchmark_dir = os.path.join(HERE, args.benchmark)
     if not os.path.isfile(os.path.join(benchmark_dir, "constants.py")):
         raise UsageError(f"--benchmark {args.benchmark} is unknown; the benchmark here is: synthetic")
-    sys.path.insert(0, benchmark_dir)
-    common = importlib.import_module("common")
-    tasks_base = importlib.import_module("constants").TASKS
+    common = importlib.import_module(f"eval.ruler.data.{args.benchmark}.common")
+    tasks_base = importlib.import_module(f"eval.ruler.data.{args.benchmark}.constants").TASKS
 
     config_file = args.config_file or os.path.join(os.path.dirname(HERE), f"{args.benchmark}.yaml")
     config = load_config(config_file, tasks_base)
@@ -165,7 +158,7 @@ def main(argv=None) -> int:
     plans = []
     for task in tasks:
         kind, task_args = config[task]["task"], dict(config[task].get("args") or {})
-        module = importlib.import_module(kind)
+        module = importlib.import_module(f"eval.ruler.data.{args.benchmark}.{kind}")
         accepted = inspect.signature(module.generate).parameters
         bad = [k for k in task_args if k not in accepted or k in ("settings", "num_samples", "pre_samples")]
         if bad:

@@ -24,15 +24,9 @@ user/assistant exchange before the final user turn.
 """
 from __future__ import annotations
 
-import os
-import sys
 from typing import Optional, Sequence, Tuple
 
-try:
-    from sketch_walk.errors import UsageError
-except ImportError:  # not installed: run from a checkout, as RULER's scripts are
-    sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
-    from sketch_walk.errors import UsageError
+from sketch_walk.core.errors import UsageError
 
 Templates = {
     "base": "{task_template}",
@@ -92,7 +86,7 @@ def bos_text(tokenizer) -> str:
 def default_template_type(tokenizer) -> str:
     """An embedded model's own choice (``gemma3-270m``, a base model: ``base``), else chat when the
     tokenizer has a chat template, else base."""
-    from sketch_walk.model_loader import EMBEDDED_MODELS
+    from eval.ruler.model_loader import EMBEDDED_MODELS
     emb = EMBEDDED_MODELS.get(getattr(tokenizer, "name", None) or "")
     if emb is not None and emb.template:
         return emb.template

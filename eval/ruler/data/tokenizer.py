@@ -2,7 +2,7 @@
 
 * ``hf``: a transformers tokenizer. ``--tokenizer_path`` takes anything this project's model
   flags take: the alias ``smollm2`` (the default), a ``.gguf`` file, a local Hugging Face folder or
-  a hub name (see sketch_walk/model_loader.py).
+  a hub name (see eval/ruler/model_loader.py).
 * ``nemo`` / ``nemo_tiktoken``: NeMo's SentencePiece / tiktoken tokenizers (``pip install -e
   '.[nemo]'``); ``--tokenizer_path`` is the tokenizer model / vocabulary file.
 * ``openai``: tiktoken; ``--tokenizer_path`` is an encoding (``cl100k_base``, the default) or an
@@ -15,14 +15,9 @@ not prepended; a chat template that wants one writes it into the text itself).
 from __future__ import annotations
 
 import os
-import sys
 from typing import List, Optional
 
-try:
-    from sketch_walk.errors import UsageError
-except ImportError:  # not installed: run from a checkout, as RULER's scripts are
-    sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
-    from sketch_walk.errors import UsageError
+from sketch_walk.core.errors import UsageError
 
 TOKENIZER_TYPES = ("hf", "nemo", "nemo_tiktoken", "openai")
 DEFAULT_PATHS = {"hf": "smollm2", "openai": "cl100k_base"}
@@ -49,7 +44,7 @@ class HFTokenizer:
     """A transformers tokenizer, loaded through sketch_walk.model_loader."""
 
     def __init__(self, model_path: str) -> None:
-        from sketch_walk.model_loader import load_tokenizer
+        from eval.ruler.model_loader import load_tokenizer
 
         self.name = model_path
         self.tokenizer = load_tokenizer(model_path)

@@ -24,31 +24,22 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
+import importlib
 import json
 import os
 import re
 import sys
 from typing import Any, Dict, List, Tuple
 
+from eval.ruler.cli import OneLineParser, UsageError, cli_main
+from eval.ruler.pred.prediction_files import CHUNK_RE
+
 EVAL_DIR = os.path.dirname(os.path.abspath(__file__))
 RULER_DIR = os.path.dirname(EVAL_DIR)
-REPO_ROOT = os.path.dirname(os.path.dirname(RULER_DIR))
-if REPO_ROOT not in sys.path:
-    sys.path.append(REPO_ROOT)
-
-from sketch_walk.errors import UsageError, cli_main  # noqa: E402
-
-CHUNK_RE = re.compile(r"^(?P<task>.*[^_])-(?P<idx>\d+)\.jsonl$")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Score RULER prediction files: summary.csv and submission.csv.")
+    parser = OneLineParser(description="Score RULER prediction files: summary.csv and submission.csv.")
     parser.add_argument("--data_dir", type=str, required=True, help="path to the prediction jsonl files")
     parser.add_argument("--benchmark", type=str, default="synthetic", help="Options: [synthetic]")
     parser.add_argument("--verbose", type=int, default=0, help="how many lines you want to display.")
@@ -59,10 +50,7 @@ def load_constants(benchmark: str):
     path = os.path.join(EVAL_DIR, benchmark, "constants.py")
     if not os.path.isfile(path):
         raise UsageError(f"unknown --benchmark {benchmark!r}: no {path}")
-    spec = importlib.util.spec_from_file_location(f"_ruler_eval_{benchmark}_constants", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"eval.ruler.eval.{benchmark}.constants")
 
 
 def load_tasks(benchmark: str) -> Dict[str, Dict[str, Any]]:
@@ -125,7 +113,7 @@ def aggregate_chunk(folder: str) -> None:
     for name in os.listdir(folder):
         m = CHUNK_RE.match(name)
         if m:
-            groups.setdefault(m.group("task"), []).append((int(m.group("idx")), name))
+            groups.setdefault(m.group("task"), []).append((int(m.group("chunk")), name))
     for task, files in groups.items():
         seen = set()
         lines = []

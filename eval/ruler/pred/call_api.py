@@ -13,8 +13,9 @@ batch_size, method, and for the sparse methods density {prefill, decode, overall
 density_per_layer (prefill), density_per_layer_decode and density_by_layer_type (sparse / dense /
 sliding-window layers apart).
 
-Server types: ``hf`` (dense), ``SketchWalk``, ``SeerAttn`` (case-insensitive). Differences from
-NVIDIA/RULER, all deliberate:
+Server types: ``hf`` (dense), ``SketchWalk``, ``SeerAttn`` (case-insensitive), and any method added to
+the registry (eval/ruler/pred/registry.py), which supplies each one's flags, knobs, checkpoints and
+wrapper. Differences from NVIDIA/RULER, all deliberate:
 
 * --temperature defaults to 0.0 (greedy); RULER's call_api defaults to 1.0 and its run.sh
   passes 0.0.
@@ -37,8 +38,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import hashlib
-import importlib.util
+import importlib
 import json
 import os
 import platform
@@ -48,46 +48,19 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-PRED_DIR = os.path.dirname(os.path.abspath(__file__))
-RULER_DIR = os.path.dirname(PRED_DIR)
-REPO_ROOT = os.path.dirname(os.path.dirname(RULER_DIR))
-for _p in (PRED_DIR, REPO_ROOT):
-    if _p not in sys.path:
-        sys.path.append(_p)
+from eval.ruler.cli import OneLineParser, UsageError, cli_main, warn
+from eval.ruler.model_loader import sha256_file
+from eval.ruler.pred import registry
+from eval.ruler.pred.prediction_files import input_sha, prompt_of, write_json_atomic
+from eval.ruler.pred.servers import Server
 
-from sketch_walk.errors import UsageError, cli_main  # noqa: E402
-
-SERVER_TYPES = {"hf": "hf", "sketchwalk": "SketchWalk", "seerattn": "SeerAttn"}
-
-# The SketchWalk knobs are sketch_walk.SketchWalkConfig's fields, one flag each (its own
-# add_arguments: one list of knobs, defaults and help). Unset flags fall back to a checkpoint's
-# values, then to the config's defaults.
-from sketch_walk.config import SketchWalkConfig, add_arguments as _add_knob_arguments  # noqa: E402
-from sketch_walk.model_loader import sha256_file  # noqa: E402
-
-SKETCH_FLAGS = SketchWalkConfig.field_names()
-SEER_FLAGS = ["threshold", "nz_ratio"]
-SPARSE_FLAGS = ["attn_backend"]
+RULER_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPARSE_FLAGS = ["attn_backend"]          # flags every sparse server type takes
 
 # tokens_to_generate of RULER's task types: used only when eval/ruler/data/{benchmark}/constants.py
 # cannot be read.
 _FALLBACK_TOKENS_TO_GENERATE = {"niah": 128, "variable_tracking": 30, "common_words_extraction": 120,
                                 "freq_words_extraction": 50, "qa": 32}
-
-CHECKPOINT_HINT = ("make one with: python -m sketch_walk.checkpoint --output ./checkpoints/sketchwalk_llama "
-                   "--base_model smollm2")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (``error: ...``) and exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
-def add_sketch_walk_flags(parser: argparse.ArgumentParser) -> None:
-    _add_knob_arguments(parser.add_argument_group("SketchWalk (server type SketchWalk)"), defaults_none=True)
-
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
@@ -97,7 +70,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
     parser.add_argument("--data_dir", type=Path, required=True, help="path to load the dataset jsonl files")
     parser.add_argument("--save_dir", type=Path, required=True, help="path to save the prediction jsonl files")
@@ -107,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk_idx", type=int, default=0, help="index of current split chunk")
     parser.add_argument("--chunk_amount", type=int, default=1, help="size of split chunk")
     # Server
-    parser.add_argument("--server_type", default="hf", help="hf (dense), SketchWalk or SeerAttn")
+    parser.add_argument("--server_type", default="hf",
+                        help="; ".join(f"{s.server_type}: {s.help}" for s in registry.servers()))
     parser.add_argument("--model_name_or_path", type=str, default="smollm2",
                         help="alias smollm2, a .gguf file, a model folder, a hub name, or a checkpoint folder")
     add_model_flags(parser)
@@ -124,37 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an untimed generation of the first prompt before timing: its whole max_new_tokens on a GPU, 2 tokens on the CPU (default on)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start this prediction file afresh even if it exists with another manifest")
-    # SeerAttention fork
-    group = parser.add_argument_group("SeerAttn (server type SeerAttn)")
-    group.add_argument("--threshold", type=float, default=None, help="gate threshold (SeerAttention fork)")
-    group.add_argument("--nz_ratio", type=float, default=None, help="kept-block ratio instead of a threshold")
-    add_sketch_walk_flags(parser)
+    registry.add_server_flags(parser)          # each method's own flags, in its own group
     return parser
 
 
 # --------------------------------------------------------------------------- small helpers
-def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr)
-
-
-def input_sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _load_module(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def normalize_server_type(value: str) -> str:
-    key = (value or "").replace("_", "").replace("-", "").lower()
-    if key not in SERVER_TYPES:
-        raise UsageError(f"unknown --server_type {value!r}; choose one of hf, SketchWalk, SeerAttn")
-    return SERVER_TYPES[key]
-
-
 def task_config(benchmark: str, task: str) -> Dict[str, Any]:
     """{'task': base type, 'args': ..., 'tokens_to_generate': int} from {benchmark}.yaml and
     data/{benchmark}/constants.py, as RULER reads them."""
@@ -167,7 +115,7 @@ def task_config(benchmark: str, task: str) -> Dict[str, Any]:
             tasks = yaml.safe_load(fh) or {}
         where = yaml_path
     elif os.path.isfile(eval_constants):
-        types = getattr(_load_module(eval_constants, f"_ruler_eval_{benchmark}_constants"), "DEFAULT_TASK_TYPES", {})
+        types = getattr(importlib.import_module(f"eval.ruler.eval.{benchmark}.constants"), "DEFAULT_TASK_TYPES", {})
         tasks = {name: {"task": base, "args": {}} for name, base in types.items()}
         where = eval_constants
     else:
@@ -179,7 +127,7 @@ def task_config(benchmark: str, task: str) -> Dict[str, Any]:
     data_constants = os.path.join(RULER_DIR, "data", benchmark, "constants.py")
     tokens = None
     if os.path.isfile(data_constants):
-        base_tasks = getattr(_load_module(data_constants, f"_ruler_data_{benchmark}_constants"), "TASKS", {})
+        base_tasks = getattr(importlib.import_module(f"eval.ruler.data.{benchmark}.constants"), "TASKS", {})
         tokens = (base_tasks.get(base) or {}).get("tokens_to_generate")
     if tokens is None:
         tokens = _FALLBACK_TOKENS_TO_GENERATE.get(base)
@@ -216,39 +164,22 @@ def chunk_bounds(n: int, chunk_idx: int, chunk_amount: int):
     return start, start + sizes[chunk_idx]
 
 
-def prompt_of(sample: Dict[str, Any]) -> str:
-    return sample["input"] + (sample.get("answer_prefix") or "")
-
-
-def _read_checkpoint(path: str):
-    try:
-        from sketch_walk.checkpoint import read_checkpoint
-    except ImportError:  # the checkpoint module is not there: read config.json the same way
-        cfg = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg):
-            return None
-        with open(cfg, encoding="utf-8") as fh:
-            data = json.load(fh)
-        return data if data.get("method") in ("sketch_walk", "seer_attn") else None
-    return read_checkpoint(path)
-
-
 def _norm_model(name: str) -> str:
     expanded = os.path.expanduser(name)
     return os.path.realpath(expanded) if os.path.exists(expanded) else name
 
 
-def resolve_model_arg(server_type: str, name: Optional[str], base_model: Optional[str] = None) -> Dict[str, Any]:
+def resolve_model_arg(server: Server, name: Optional[str], base_model: Optional[str] = None) -> Dict[str, Any]:
     """What to load: {'model': base model argument, 'checkpoint': folder or None, 'ckpt': its config}."""
-    from sketch_walk.model_loader import resolve_model
+    from eval.ruler.model_loader import resolve_model
 
+    server_type = server.server_type
     name = name or "smollm2"
     expanded = os.path.expanduser(name)
-    ckpt = _read_checkpoint(expanded) if os.path.isdir(expanded) else None
+    ckpt = registry.read_checkpoint(expanded) if os.path.isdir(expanded) else None
     if ckpt is not None:
         method = ckpt.get("method")
-        wanted = {"SketchWalk": "sketch_walk", "SeerAttn": "seer_attn"}.get(server_type)
-        if wanted and method != wanted:
+        if server.checkpoint and method != server.checkpoint:
             raise UsageError(f"{name} is a {method} checkpoint, not one for --server_type {server_type}")
         base = ckpt.get("base_model")
         if base_model and base and _norm_model(base_model) != _norm_model(base):
@@ -256,35 +187,25 @@ def resolve_model_arg(server_type: str, name: Optional[str], base_model: Optiona
         base = base_model or base
         if not base:
             raise UsageError(f"checkpoint {name} names no base_model in its config.json")
-        if server_type == "hf":
-            warn(f"{name} is a {method} checkpoint: --server_type hf runs its base model {base} densely")
+        if not server.sparse:
+            warn(f"{name} is a {method} checkpoint: --server_type {server_type} runs its base model {base} densely")
         resolve_model(base)
         return {"model": base, "checkpoint": os.path.realpath(expanded), "ckpt": ckpt}
-    if server_type == "SeerAttn":
+    if server.needs_checkpoint:
         if not os.path.exists(expanded):
-            raise UsageError(f"SeerAttn checkpoint {name} does not exist; pass a folder whose config.json has "
-                             f"\"method\": \"seer_attn\" (trained gates and base_model)")
-        raise UsageError(f"{name} is not a SeerAttn checkpoint (no config.json with \"method\": \"seer_attn\")")
+            raise UsageError(f"{server_type} checkpoint {name} does not exist; pass a folder whose config.json has "
+                             f"\"method\": \"{server.checkpoint}\" (trained weights and base_model)")
+        raise UsageError(f"{name} is not a {server_type} checkpoint (no config.json with "
+                         f"\"method\": \"{server.checkpoint}\")")
     try:
         resolve_model(name)
     except UsageError as exc:
-        if server_type == "SketchWalk" and not os.path.exists(expanded) and "does not exist" in str(exc):
-            raise UsageError(f"{exc}; for a SketchWalk checkpoint folder, {CHECKPOINT_HINT}") from None
+        if server.model_hint and not os.path.exists(expanded) and "does not exist" in str(exc):
+            raise UsageError(f"{exc}; {server.model_hint}") from None
         raise
     if base_model:
         warn(f"--base_model {base_model} ignored: {name} is a model, not a checkpoint folder")
     return {"model": name, "checkpoint": None, "ckpt": None}
-
-
-def sketch_walk_config(args, ckpt: Optional[Dict[str, Any]]) -> SketchWalkConfig:
-    """SketchWalkConfig from defaults <- checkpoint knobs <- explicit flags (validated by the config)."""
-    knobs: Dict[str, Any] = {}
-    if ckpt:
-        for source in (ckpt, ckpt.get("config"), ckpt.get("knobs")):
-            if isinstance(source, dict):
-                knobs.update(source)
-    base = SketchWalkConfig.from_dict(knobs, strict=False)
-    return SketchWalkConfig.from_namespace(args, base=base)
 
 
 VOLATILE_CHECKPOINT_KEYS = {"created", "inactive_knobs"}
@@ -366,34 +287,28 @@ class PredictionWriter:
         self.fh.close()
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- the run
 @dataclasses.dataclass
 class Plan:
     args: argparse.Namespace
-    server_type: str
+    server: Server
     task: Dict[str, Any]
     task_file: Path
     pred_file: Path
     manifest_file: Path
     samples: List[Dict[str, Any]]     # this chunk's samples
     model: Dict[str, Any]             # resolve_model_arg's answer
-    sketch_config: Any                # SketchWalkConfig or None
+    knobs: Any                        # the server's resolved knobs (SketchWalkConfig, a dict, ...)
     max_new_tokens: int
     device: str
     dtype_name: str
     manifest_key: Dict[str, Any]
     rank: int = 0
     world_size: int = 1
+
+    @property
+    def server_type(self) -> str:
+        return self.server.server_type
 
 
 def dist_env():
@@ -409,7 +324,8 @@ def dist_env():
 
 def plan_run(args: argparse.Namespace, limit: Optional[int] = None, base_model: Optional[str] = None) -> Plan:
     """Validate everything and decide what to run; writes nothing and loads no weights."""
-    server_type = normalize_server_type(args.server_type)
+    server = registry.get(args.server_type)
+    server_type = server.server_type
     for name, ok, rule in (("temperature", args.temperature >= 0, ">= 0"),
                            ("top_k", args.top_k >= 0, ">= 0"),
                            ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
@@ -424,16 +340,11 @@ def plan_run(args: argparse.Namespace, limit: Optional[int] = None, base_model: 
             raise UsageError(f"--{name} {getattr(args, name)}: must be {rule}")
     if limit is not None and limit < 1:
         raise UsageError(f"--num_samples {limit}: must be >= 1")
-    if server_type != "hf":       # checked now, not after the model has loaded
-        from sketch_walk.kernels.block_transition import dot_precision
-        dot_precision()
+    server.preflight()            # checked now, not after the model has loaded
 
-    ignored = []
-    if server_type != "SketchWalk":
-        ignored += [f for f in SKETCH_FLAGS if getattr(args, f, None) is not None]
-    if server_type != "SeerAttn":
-        ignored += [f for f in SEER_FLAGS if getattr(args, f, None) is not None]
-    if server_type == "hf":
+    ignored = [f for other in registry.servers() if other is not server for f in other.flags
+               if f not in server.flags and getattr(args, f, None) is not None]
+    if not server.sparse:
         ignored += [f for f in SPARSE_FLAGS if getattr(args, f, None) is not None]
     if ignored:
         warn(f"--server_type {server_type} ignores {' '.join('--' + f for f in ignored)}")
@@ -453,10 +364,10 @@ def plan_run(args: argparse.Namespace, limit: Optional[int] = None, base_model: 
     start, stop = chunk_bounds(len(samples), chunk_idx, chunk_amount)
     samples = samples[start:stop]
 
-    model = resolve_model_arg(server_type, args.model_name_or_path, base_model)
-    sketch_config = sketch_walk_config(args, model["ckpt"]) if server_type == "SketchWalk" else None
+    model = resolve_model_arg(server, args.model_name_or_path, base_model)
+    knobs = server.knobs(args, model["ckpt"])
 
-    from sketch_walk.model_loader import pick_device, pick_dtype
+    from eval.ruler.model_loader import pick_device, pick_dtype
 
     device = pick_device(args.device)
     if world > 1 and device.startswith("cuda"):
@@ -489,13 +400,12 @@ def plan_run(args: argparse.Namespace, limit: Optional[int] = None, base_model: 
         "top_p": args.top_p if sampling else None,
         "random_seed": args.random_seed if sampling else None,
         "stop_words": list(args.stop_words_list),
-        "attn_backend": (args.attn_backend or "auto") if server_type != "hf" else None,
-        "knobs": (dataclasses.asdict(sketch_config) if sketch_config is not None else
-                  {"threshold": args.threshold, "nz_ratio": args.nz_ratio} if server_type == "SeerAttn" else {}),
+        "attn_backend": (args.attn_backend or "auto") if server.sparse else None,
+        "knobs": server.knobs_dict(knobs),
     }
-    return Plan(args=args, server_type=server_type, task=task, task_file=task_file,
+    return Plan(args=args, server=server, task=task, task_file=task_file,
                 pred_file=save_dir / f"{stem}.jsonl", manifest_file=save_dir / f"manifest-{stem}.json",
-                samples=samples, model=model, sketch_config=sketch_config, max_new_tokens=max_new_tokens,
+                samples=samples, model=model, knobs=knobs, max_new_tokens=max_new_tokens,
                 device=device, dtype_name=dtype_name, manifest_key=key, rank=rank, world_size=world)
 
 
@@ -521,19 +431,11 @@ def check_manifest(plan: Plan) -> None:
 
 def make_llm(plan: Plan):
     """Build the wrapper of the plan's server type (loads the model)."""
-    import model_wrappers as mw
-
     args = plan.args
-    common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop_words_list,
-                  max_new_tokens=plan.max_new_tokens, random_seed=args.random_seed, dtype=args.dtype,
-                  device=plan.device)
-    if plan.server_type == "hf":
-        return mw.HuggingFaceModel(plan.model["model"], **common)
-    if plan.server_type == "SketchWalk":
-        return mw.SketchWalkModel(plan.model["model"], config=plan.sketch_config,
-                                  backend=args.attn_backend or "auto", **common)
-    return mw.SeerAttnModel(plan.model["model"], checkpoint_dir=plan.model["checkpoint"], threshold=args.threshold,
-                            nz_ratio=args.nz_ratio, backend=args.attn_backend or "auto", **common)
+    return plan.server.make_wrapper(plan.model["model"], plan.knobs, plan.model["checkpoint"],
+                                    args.attn_backend or "auto", temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p, stop=args.stop_words_list, max_new_tokens=plan.max_new_tokens,
+                                    random_seed=args.random_seed, dtype=args.dtype, device=plan.device)
 
 
 def execute(plan: Plan, llm=None) -> Path:
@@ -559,7 +461,7 @@ def execute(plan: Plan, llm=None) -> Path:
         llm = make_llm(plan)
     else:
         llm.max_new_tokens = plan.max_new_tokens
-    if plan.server_type != "hf" and args.batch_size > 1:
+    if plan.server.sparse and args.batch_size > 1:
         warn(f"--server_type {plan.server_type} runs one prompt at a time (per-sample state and density); "
              f"--batch_size {args.batch_size} only groups them")
 
@@ -568,8 +470,7 @@ def execute(plan: Plan, llm=None) -> Path:
     if args.overwrite and plan.pred_file.exists():
         plan.pred_file.unlink()
     manifest = {"key": plan.manifest_key, "session": llm.describe(), "versions": versions(),
-                "inactive_knobs": (plan.sketch_config.inactive_knob_reasons()
-                                   if plan.sketch_config is not None else {}),
+                "inactive_knobs": plan.server.inactive_knobs(plan.knobs),
                 "created": datetime.datetime.now().isoformat(timespec="seconds"),
                 "command": " ".join(shlex.quote(a) for a in sys.argv)}
     if args.overwrite or not plan.manifest_file.exists():

@@ -54,8 +54,6 @@ time_per_sample.png.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
 import gzip
 import json
 import os
@@ -65,57 +63,40 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-RULER_DIR = REPO_ROOT / "eval" / "ruler"
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from eval.ruler.cli import OneLineParser, UsageError, cli_main
+from eval.ruler.eval import evaluate
+from eval.ruler.eval.synthetic import constants as ruler_constants
+from eval.ruler.pred import registry
+from eval.ruler.pred.prediction_files import CHUNK_RE, input_sha
 
-from sketch_walk.errors import UsageError, cli_main  # noqa: E402
-
-DENSE_METHODS = {"hf", "dense", "vllm", "trtllm", "sglang", "openai", "gemini", "mamba"}
+RULER_DIR = Path(__file__).resolve().parents[1]
+# RULER's own servers that run dense attention, beside the registry's dense methods
+RULER_DENSE_SERVERS = {"vllm", "trtllm", "sglang", "openai", "gemini", "mamba"}
 SAMPLES_FILE = "samples.jsonl.gz"
 CONFIDENCE = 0.95
 Z95 = 1.959963984540054
 FLAT = "all"
-CHUNK_RE = re.compile(r"^(?P<task>.+)-(?P<chunk>\d+)\.jsonl$")
 MAX_LISTED = 5
 
 
-# --------------------------------------------------------------------------------------------
-# Scoring: the harness's own functions, loaded from their files (eval/ruler is not a package).
-# --------------------------------------------------------------------------------------------
+def dense_methods() -> set:
+    """``others.method`` values (lower case) of servers that run dense attention."""
+    return registry.dense_names() | RULER_DENSE_SERVERS
 
-def _load_module(name: str, path: Path):
-    if not path.is_file():
-        raise UsageError(f"{path} is missing: compare_results.py scores with RULER's metric from it")
-    spec = importlib.util.spec_from_file_location(name, str(path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
+# --------------------------------------------------------------------------------------------
+# Scoring: RULER's metrics (eval/ruler/eval/synthetic/constants.py) and evaluate.py's clean-up
+# --------------------------------------------------------------------------------------------
 
 class Scorer:
     """string_match_all / string_match_part and postprocess_pred of the harness, per sample."""
 
     def __init__(self):
-        constants = _load_module("_ruler_eval_synthetic_constants",
-                                 RULER_DIR / "eval" / "synthetic" / "constants.py")
-        for fn in ("string_match_all", "string_match_part"):
-            if not hasattr(constants, fn):
-                raise UsageError(f"eval/ruler/eval/synthetic/constants.py has no {fn}()")
-        self.match_all = constants.string_match_all
-        self.match_part = constants.string_match_part
-        self.task_types = getattr(constants, "TASKS", {})
+        self.match_all = ruler_constants.string_match_all
+        self.match_part = ruler_constants.string_match_part
+        self.task_types = getattr(ruler_constants, "TASKS", {})
         # RULER returns a fraction, the SeerAttention fork a percentage: find out which.
         self.scale = float(self.match_all(["x"], [["x"]]))  # 1.0 or 100.0
-        self.postprocess = None
-        evaluate_py = RULER_DIR / "eval" / "evaluate.py"
-        if evaluate_py.is_file():
-            try:
-                module = _load_module("_ruler_eval_evaluate", evaluate_py)
-                self.postprocess = getattr(module, "postprocess_pred", None)
-            except Exception:  # an import-time failure there must not block the comparison
-                self.postprocess = None
         self.yaml_tasks = {}
         yaml_path = RULER_DIR / "synthetic.yaml"
         if yaml_path.is_file():
@@ -124,10 +105,7 @@ class Scorer:
                 self.yaml_tasks = yaml.safe_load(f) or {}
 
     def clean(self, pred: str) -> str:
-        if self.postprocess is not None:
-            return self.postprocess(pred, {})
-        pred = pred.strip()
-        return re.sub(r"[\x00-\x1f]", "\n", pred).strip()
+        return evaluate.postprocess_pred(pred, {})
 
     def metric_name(self, task: str) -> str:
         """RULER's metric for a task: from synthetic.yaml's task type, else qa_* -> part."""
@@ -192,10 +170,6 @@ def _mean(xs):
 # --------------------------------------------------------------------------------------------
 # Reading runs
 # --------------------------------------------------------------------------------------------
-
-def input_sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
 
 def _length_sort_key(length: str):
     return (0, int(length), "") if length.isdigit() else (1, 0, length)
@@ -480,7 +454,7 @@ def _density_stats(name, cell, samples):
     have = [s for s in samples if s["density"] is not None]
     methods = sorted({str(s["method"]) for s in samples})
     if not have:
-        if all(str(s["method"]).lower() in DENSE_METHODS for s in samples):
+        if all(str(s["method"]).lower() in dense_methods() for s in samples):
             return {"prefill": 1.0, "decode": 1.0, "overall": 1.0, "per_layer": None, "source": "dense server"}
         raise UsageError(f"run '{name}' {_cell_label(cell)}: records carry no others.density and "
                          f"others.method is {', '.join(methods)} (not a dense server); first record at "
@@ -895,15 +869,8 @@ def parse_runs(args):
     return runs
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (``error: ...``) and exit 2, like the other scripts."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser():
-    p = _Parser(description=__doc__.split("\n\n")[0],
+    p = OneLineParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seerattn_dir", help="run folder of the SeerAttention baseline (= --run seerattn=DIR)")
     p.add_argument("--sketchwalk_dir", help="run folder of SketchWalk (= --run sketchwalk=DIR)")

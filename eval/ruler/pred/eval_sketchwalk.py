@@ -21,22 +21,20 @@ Unset knobs come from the checkpoint, then from SketchWalkConfig's defaults. Wri
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
-import os
 import shlex
 import sys
 
-PRED_DIR = os.path.dirname(os.path.abspath(__file__))
-if PRED_DIR not in sys.path:
-    sys.path.insert(0, PRED_DIR)
+from eval.ruler.cli import OneLineParser, UsageError, cli_main
+from eval.ruler.eval import evaluate
+from eval.ruler.pred import call_api, registry
+from eval.ruler.pred.prediction_files import input_sha, prompt_of, write_json_atomic
 
-import call_api  # noqa: E402
-from sketch_walk.errors import UsageError, cli_main  # noqa: E402
+SERVER = registry.get("SketchWalk")
 
 
 def build_parser():
-    parser = call_api._Parser(description=__doc__.split("\n\n")[0].strip())
+    parser = OneLineParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--model_path", default="smollm2",
                         help="a model (smollm2, .gguf, folder, hub name) or a SketchWalk checkpoint folder")
     parser.add_argument("--base_model", default=None, help="base model of a checkpoint (replaces its base_model)")
@@ -48,24 +46,8 @@ def build_parser():
     parser.add_argument("--output_dir", default="./results/sketchwalk")
     parser.add_argument("--overwrite", action="store_true", help="start afresh if output_dir holds another run")
     call_api.add_model_flags(parser)
-    call_api.add_sketch_walk_flags(parser)
+    registry.add_server_flags(parser, [SERVER.server_type])
     return parser
-
-
-_EVALUATE = None
-
-
-def _load_evaluate():
-    """eval/ruler/eval/evaluate.py as a module (loaded by path: ``eval`` is no package)."""
-    global _EVALUATE
-    if _EVALUATE is not None:
-        return _EVALUATE
-    path = os.path.join(call_api.RULER_DIR, "eval", "evaluate.py")
-    spec = importlib.util.spec_from_file_location("_ruler_evaluate", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    _EVALUATE = module
-    return module
 
 
 def _mean(values):
@@ -79,7 +61,6 @@ def _round(x, nd):
 
 def summarize(plan, records, task_cfg):
     """Per-sample rows and the run's summary from the prediction records of the plan's samples."""
-    evaluate = _load_evaluate()
     constants = evaluate.load_constants(plan.args.benchmark)
     samples, preds, refs = [], [], []
     for rec in records:
@@ -132,11 +113,10 @@ def main(argv=None) -> None:
         api_argv += ["--attn_backend", args.attn_backend]
     if args.overwrite:
         api_argv.append("--overwrite")
-    for name in call_api.SKETCH_FLAGS:
+    for name in SERVER.flags:
         value = getattr(args, name)
-        if name == "skip_decode":
-            if value:
-                api_argv.append("--skip_decode")
+        if isinstance(value, bool):                 # --skip_decode / --no-skip_decode
+            api_argv.append(f"--{name}" if value else f"--no-{name}")
         elif value is not None:
             api_argv += [f"--{name}", str(value)]
     api_args = call_api.parse_args(api_argv)
@@ -148,18 +128,18 @@ def main(argv=None) -> None:
     # The records of this run's samples (the file may hold more from an earlier, larger run).
     wanted = {}
     for s in plan.samples:
-        key = (s["index"], call_api.input_sha(call_api.prompt_of(s)))
+        key = (s["index"], input_sha(prompt_of(s)))
         wanted[key] = wanted.get(key, 0) + 1
     records = []
     with open(plan.pred_file, encoding="utf-8") as fh:
         for line in fh:
             rec = json.loads(line)
-            key = (rec["index"], call_api.input_sha(rec["input"]))
+            key = (rec["index"], input_sha(rec["input"]))
             if wanted.get(key, 0) > 0:
                 wanted[key] -= 1
                 records.append(rec)
 
-    task_cfg = _load_evaluate().load_tasks("synthetic")[args.task]
+    task_cfg = evaluate.load_tasks("synthetic")[args.task]
     samples, summary = summarize(plan, records, task_cfg)
     manifest = json.loads(plan.manifest_file.read_text(encoding="utf-8"))
     out_dir = plan.pred_file.parent
@@ -176,9 +156,8 @@ def main(argv=None) -> None:
         "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
     }
     results_file = out_dir / f"{args.task}_results.json"
-    call_api.write_json_atomic(results_file, results)
+    write_json_atomic(results_file, results)
 
-    evaluate = _load_evaluate()
     density = summary["density"]["prefill"]
     rows = evaluate.summary_rows(
         {args.task: {"score": summary["score_all"], "nulls": summary["nulls"]}},

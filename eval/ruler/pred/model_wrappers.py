@@ -1,12 +1,13 @@
-"""Model wrappers for RULER's call_api.py: dense ``hf``, ``SketchWalk`` and ``SeerAttn``.
+"""Model wrappers for RULER's call_api.py: :class:`HuggingFaceModel` (dense) and :class:`SparseAttentionModel`.
 
 As in RULER, a wrapper is built once and then called with prompts; ``process_batch(prompts)``
 returns one dict per prompt, ``{'text': [generated_text], 'stats': {...}}`` (RULER reads
-``text``; call_api.py puts ``stats`` into the record's ``others``).
+``text``; call_api.py puts ``stats`` into the record's ``others``). Which wrapper a server type gets
+is the method registry's business (eval/ruler/pred/registry.py).
 
-The three wrappers share one generation loop; the sparse ones only differ by enabling an
-attention *session* on the loaded model (``enable_sketch_walk`` / ``enable_seer_attn``),
-resetting it before each prompt and reading its measured density after.
+Both share one generation loop; a sparse method only differs by enabling an attention *session* on
+the loaded model (``enable_sketch_walk``, ``enable_seer_attn``, ...), resetting it before each prompt
+and reading its measured density after.
 
 Why a hand-written loop rather than ``model.generate``: the prefill (the first forward over the
 whole prompt) and the decode steps must be timed separately and exactly, per sample. The loop
@@ -23,18 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
-import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-# Make the repository importable when this file is run or imported from eval/ruler/pred
-# without an installed package (``pip install -e .`` makes this a no-op).
-_REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-if _REPO_ROOT not in sys.path:
-    sys.path.append(_REPO_ROOT)
-
-from sketch_walk.errors import UsageError  # noqa: E402
+from sketch_walk.core.errors import UsageError
 
 # End-of-turn markers of common chat templates; those present in a tokenizer's vocabulary stop
 # generation in addition to its eos ids (SmolLM2/ChatML <|im_end|>, Llama-3 <|eot_id|>, ...).
@@ -60,7 +53,7 @@ def _as_list(x) -> List[int]:
 class HuggingFaceModel:
     """Dense generation with a transformers causal LM (server type ``hf``).
 
-    ``name_or_path``: any model form of :func:`sketch_walk.model_loader.load_model` (the alias
+    ``name_or_path``: any model form of :func:`eval.ruler.model_loader.load_model` (the alias
     ``smollm2``, a .gguf file, a local folder, a hub name). ``model``/``tokenizer`` may be passed
     instead to reuse a loaded model. ``stop``: stop strings (the text is cut at the first one).
     ``repetition_penalty`` and ``do_sample`` are accepted for RULER compatibility; sampling is
@@ -80,7 +73,7 @@ class HuggingFaceModel:
         if repetition_penalty not in (None, 1, 1.0):
             raise UsageError(f"repetition_penalty {repetition_penalty}: only 1 (none) is supported")
         if model is None:
-            from sketch_walk.model_loader import load_model
+            from eval.ruler.model_loader import load_model
 
             model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
         elif tokenizer is None:
@@ -305,43 +298,16 @@ def density_stats(report: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-class SketchWalkModel(HuggingFaceModel):
-    """Sketch&Walk sparse attention (server type ``SketchWalk``).
+class SparseAttentionModel(HuggingFaceModel):
+    """A sparse-attention method on the loaded model (every server type but ``hf``).
 
-    ``config``: a :class:`sketch_walk.SketchWalkConfig` (or a dict of its fields).
-    ``backend``: ``auto`` | ``triton`` | ``torch`` (passed to ``enable_sketch_walk``).
+    ``enable(model)`` switches the model to the method and returns the hook's session
+    (:class:`sketch_walk.core.hook.SparseAttentionSession`); ``method`` names it in every record.
+    The generation loop resets the session before each prompt and reads its density after.
     """
 
-    method = "sketch_walk"
-
-    def __init__(self, name_or_path: Optional[str] = None, *, config=None, backend: str = "auto", **kwargs) -> None:
-        from sketch_walk import SketchWalkConfig, enable_sketch_walk
-
+    def __init__(self, name_or_path: Optional[str] = None, *, method: str, enable: Callable[[Any], Any],
+                 **kwargs) -> None:
         super().__init__(name_or_path, **kwargs)
-        if config is None:
-            config = SketchWalkConfig()
-        elif isinstance(config, dict):
-            config = SketchWalkConfig(**config)
-        self.config = config
-        self.session = enable_sketch_walk(self.model, config, backend=backend or "auto")
-
-
-class SeerAttnModel(HuggingFaceModel):
-    """SeerAttention baseline (server type ``SeerAttn``): trained gates from ``checkpoint_dir``
-    on the base model ``name_or_path``; ``threshold`` / ``nz_ratio`` as in the SeerAttention fork
-    (None: the session's default)."""
-
-    method = "seer_attn"
-
-    def __init__(self, name_or_path: Optional[str] = None, *, checkpoint_dir: str, threshold: Optional[float] = None,
-                 nz_ratio: Optional[float] = None, backend: str = "auto", **kwargs) -> None:
-        from seer_attn import enable_seer_attn
-
-        super().__init__(name_or_path, **kwargs)
-        extra = {}
-        if threshold is not None:
-            extra["threshold"] = threshold
-        if nz_ratio is not None:
-            extra["nz_ratio"] = nz_ratio
-        self.session = enable_seer_attn(self.model, checkpoint_dir, dense_decode=False,
-                                        backend=backend or "auto", **extra)
+        self.method = method
+        self.session = enable(self.model)

@@ -34,19 +34,16 @@ import sys
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
+
+from eval.ruler.cli import OneLineParser, UsageError
+from eval.ruler.data.manifest_utils import write_manifest
+from eval.ruler.data.synthetic.constants import TASKS
+from eval.ruler.data.template import CHAT, ModelTemplate, TEMPLATE_TYPES, select_template
+from eval.ruler.data.tokenizer import TOKENIZER_TYPES, select_tokenizer
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
-DATA_DIR = os.path.dirname(_HERE)
-for _path in (DATA_DIR, _HERE):  # RULER's layout: tokenizer.py, template.py one level up
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-import numpy as np  # noqa: E402
-
-from constants import TASKS  # noqa: E402
-from manifest_utils import write_manifest  # noqa: E402
-from template import CHAT, ModelTemplate, TEMPLATE_TYPES, select_template  # noqa: E402
-from tokenizer import TOKENIZER_TYPES, UsageError, select_tokenizer  # noqa: E402
-from sketch_walk.errors import cli_main  # noqa: E402,F401  (tokenizer.py made sketch_walk importable)
+DATA_DIR = os.path.dirname(_HERE)                  # eval/ruler/data: where generated task folders go
 
 JSON_DIR = os.path.join(_HERE, "json")
 ESSAY_FILE = os.path.join(JSON_DIR, "PaulGrahamEssays.json")
@@ -356,14 +353,6 @@ def zeta(s: float) -> float:
 # --------------------------------------------------------------------------------------------
 # RULER-compatible command line of a generator script
 # --------------------------------------------------------------------------------------------
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with a one-line ``error: ...`` (exit 2) instead of the usage block."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
 
 def positive_int(text: str) -> int:
     try:

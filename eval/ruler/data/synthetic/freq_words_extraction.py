@@ -13,17 +13,13 @@ Standalone, with RULER's flags::
 """
 from __future__ import annotations
 
-import os
 import random
 import string
-import sys
 from typing import List
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from common import (  # noqa: E402
+from eval.ruler.data.synthetic.common import (
     Settings,
     UsageError,
     make_record,
@@ -115,5 +111,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from common import cli_main
+    from eval.ruler.cli import cli_main
     cli_main(main)()

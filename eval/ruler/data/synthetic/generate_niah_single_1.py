@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import yaml
 
-import yaml  # noqa: E402
-
-import niah  # noqa: E402
-from common import (  # noqa: E402
+from eval.ruler.cli import OneLineParser, UsageError, cli_main
+from eval.ruler.data.synthetic import niah
+from eval.ruler.data.synthetic.common import (
     DATA_DIR,
-    OneLineParser,
     TASKS,
     Settings,
     TEMPLATE_TYPES,
     TOKENIZER_TYPES,
-    UsageError,
-    cli_main,
     non_negative_int,
     positive_int,
     select_template,

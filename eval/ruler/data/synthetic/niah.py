@@ -24,15 +24,11 @@ Standalone, with RULER's flags::
 """
 from __future__ import annotations
 
-import os
 import random
-import sys
 import uuid
 from typing import List, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import (  # noqa: E402
+from eval.ruler.data.synthetic.common import (
     DEPTHS,
     REPEAT_HAYSTACK,
     Settings,
@@ -186,5 +182,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from common import cli_main
+    from eval.ruler.cli import cli_main
     cli_main(main)()

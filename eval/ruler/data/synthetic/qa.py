@@ -19,12 +19,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 from typing import List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import (  # noqa: E402
+from eval.ruler.data.synthetic.common import (
     QA_FILES,
     QA_SCRIPT,
     Settings,
@@ -141,5 +138,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from common import cli_main
+    from eval.ruler.cli import cli_main
     cli_main(main)()

@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import os
 import string
-import sys
 from typing import List
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import (  # noqa: E402
+from eval.ruler.data.synthetic.common import (
     DEPTHS,
     REPEAT_HAYSTACK,
     ModelTemplate,
@@ -162,5 +158,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from common import cli_main
+    from eval.ruler.cli import cli_main
     cli_main(main)()

@@ -1,6 +1,6 @@
 """Block-sparse prefill attention in Triton (FlashAttention-style forward over kept key blocks).
 
-Math (see :mod:`sketch_walk.block_sparse` for the kept-block list format): for query t of head h
+Math (see :mod:`sketch_walk.core.block_sparse` for the kept-block list format): for query t of head h
 (key head g = h // r, r = H / H_kv, query block i = t // B) and kept key set
 K_t = {s : block(s) in S_i[b, g], s <= t},
 
@@ -264,7 +264,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """Block-sparse prefill attention (module docstring). Returns (out in q's dtype, lse fp32 natural log).
 
     ``window`` w (a sliding-window layer, e.g. Gemma-3's 512): query t sees only keys t-w+1..t of its
-    listed blocks (:func:`sketch_walk.block_sparse.window_block_lists` lists exactly the blocks needed).
+    listed blocks (:func:`sketch_walk.core.block_sparse.window_block_lists` lists exactly the blocks needed).
 
     ``out`` (B, H, n, d) in q's dtype (last stride 1) and ``lse`` (B, H, n) fp32 contiguous, when
     given, are written in place (tests poison them first; callers may reuse buffers).

@@ -34,6 +34,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .errors import UsageError
+
 BACKENDS = ("auto", "triton", "torch")
 _forced_backend: Optional[str] = None
 
@@ -42,7 +44,6 @@ def set_backend(backend: str) -> None:
     """Force the attention backend for this process: 'auto' (Triton on CUDA, else torch), 'triton' or 'torch'."""
     global _forced_backend
     if backend not in BACKENDS:
-        from .errors import UsageError
         raise UsageError(f"--attn_backend {backend}: choose one of {', '.join(BACKENDS)}")
     _forced_backend = backend
 
@@ -53,7 +54,6 @@ def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
     if choice == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        from .errors import UsageError
         raise UsageError("--attn_backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 for the slow CPU interpreter); "
                          "use --attn_backend torch or auto")
     return choice

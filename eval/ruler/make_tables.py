@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Print the README's RULER evidence tables from the committed comparison files (no model runs).
+"""Print the RULER evidence tables (docs/EVIDENCE.md) from the committed comparison files (no model runs).
 
-    python results/ruler/make_tables.py                              # SmolLM2 (results/ruler)
-    python results/ruler/make_tables.py --root results/ruler_gemma3  # Gemma-3-270M
+    python eval/ruler/make_tables.py                              # SmolLM2 (results/ruler)
+    python eval/ruler/make_tables.py --root results/ruler_gemma3  # Gemma-3-270M
 
 Reads {root}/stage1/comparison/comparison.json (dense, 11 tasks x 3 lengths),
 {root}/stage2/comparison*/comparison.json (the selectors on the judged cells) and, where they exist,
@@ -14,14 +14,15 @@ whose samples are the same as stage 2's: checked here by (task, length, index, s
 {root}/e2e_32k/comparison/comparison.json (end-to-end seconds per sample of one process alone).
 Models whose layers differ (Gemma-3) also get the prefill density per layer type.
 """
-import argparse
 import gzip
 import json
 import os
 from statistics import median
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = HERE
+from eval.ruler.cli import OneLineParser
+
+DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "results", "ruler")
+ROOT = DEFAULT_ROOT
 LABELS = {
     "dense": "dense",
     "sketchwalk": "SketchWalk, default (minmax, walk 0.25, top_k 16)",
@@ -284,8 +285,8 @@ def e2e_median_table(cell, methods):
 
 def main(argv=None):
     global ROOT
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", default=HERE, help="folder with stage1/, stage2/, ... (default: results/ruler)")
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default=DEFAULT_ROOT, help="folder with stage1/, stage2/, ... (default: results/ruler)")
     args = p.parse_args(argv)
     ROOT = args.root
     if not exists("stage1/comparison/comparison.json"):

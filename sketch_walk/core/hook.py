@@ -12,19 +12,19 @@ What runs, per attention call (query (B, H, q_len, d), key / value (B, H_kv, k_l
   -> transformers' SDPA attention (causal, GQA), exactly what ``attn_implementation="sdpa"`` runs;
 * a sliding-window layer (``module.sliding_window`` or a ``sliding_window`` argument set, as in
   Gemma-3) -> its own window, exactly: in prefill on the Triton backend through the block-sparse kernel
-  with :func:`sketch_walk.block_sparse.window_block_lists` and a token-level window mask, otherwise (CPU,
+  with :func:`sketch_walk.core.block_sparse.window_block_lists` and a token-level window mask, otherwise (CPU,
   decode, a padded mask) the same SDPA call with the model's own sliding mask; it takes no part in
   selection or the walk, and its density counts the keys inside its window;
 * a sparse layer, prefill (q_len == k_len) -> ``selector.select_prefill`` then
-  :func:`sketch_walk.block_sparse.block_sparse_attention` (Triton on CUDA, PyTorch elsewhere);
+  :func:`sketch_walk.core.block_sparse.block_sparse_attention` (Triton on CUDA, PyTorch elsewhere);
 * a sparse layer, decode (q_len == 1 < k_len) -> dense SDPA when ``skip_decode``, else
-  ``selector.select_decode`` then :func:`sketch_walk.block_sparse.block_sparse_decode`.
+  ``selector.select_decode`` then :func:`sketch_walk.core.block_sparse.block_sparse_decode`.
 Refused with a :class:`UsageError`: attention masks that are not plain causal (padded batches,
 custom masks) and chunked prefill (1 < q_len < k_len) in sparse layers, logit soft-capping in
 sparse layers. Batches of equal-length prompts work (every list is per sequence).
 
 The selector's per-sequence state is reset automatically at each new prompt (a prefill call of the
-first attention layer). Density (ALGORITHM.md "What to report") is measured from the lists the
+first attention layer). Density (docs/ALGORITHM.md "Density, as reported") is measured from the lists the
 kernel got: attended (query, key) pairs / causal pairs, per layer, dense layers counting 1.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 from .block_sparse import (attended_keys_decode, attended_pairs_prefill, block_sparse_attention,
                            block_sparse_decode, causal_pairs, resolve_backend, window_block_lists)
 from .errors import UsageError
-from .selector import BlockSelector
+from .contract import BlockSelector
 
 ATTN_NAME = "sketch_walk_block_sparse"
 SESSION_ATTR = "_sparse_attention_session"
@@ -352,7 +352,7 @@ def enable_sparse_attention(model, selector: BlockSelector, *, skip_decode: bool
     is disabled first. The model is switched to attn_implementation :data:`ATTN_NAME`.
     """
     if not isinstance(selector, BlockSelector):
-        raise UsageError(f"selector must be a sketch_walk.selector.BlockSelector, got {type(selector).__name__}")
+        raise UsageError(f"selector must be a sketch_walk.core.contract.BlockSelector, got {type(selector).__name__}")
     if backend not in (None, "auto", "triton", "torch"):
         raise UsageError(f"--attn_backend {backend}: choose one of auto, triton, torch")
     old = getattr(model, SESSION_ATTR, None)

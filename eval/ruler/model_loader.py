@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from typing import Optional, Tuple
 
-from .errors import UsageError
+from sketch_walk.core.errors import UsageError
 
 DEFAULT_MODEL = "smollm2"
 

@@ -1,0 +1,68 @@
+"""The contract between a block-selection method and the shared sparse-attention hook.
+
+A method (Sketch&Walk, the oracle and local controls, SeerAttention's gate) is a
+:class:`BlockSelector`. The hook (:mod:`sketch_walk.core.hook`) owns everything else: which
+attention runs (dense, the block-sparse kernel, prefill or decode), density accounting, and
+when state is reset. So methods differ only in how they pick blocks.
+
+Shapes: ``query`` (B, H, q_len, d) and ``key`` (B, H_kv, k_len, d) AFTER RoPE, exactly what the
+transformers attention interface passes (keys not repeated for GQA). Selections are kept-block
+lists in the format of :mod:`sketch_walk.core.block_sparse`.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+BlockLists = Tuple[torch.Tensor, torch.Tensor]   # (block_idx int32, block_cnt int32)
+
+
+def check_decode_step(method: str, layer_idx: int, held: Optional[int], n_keys: int, state: str,
+                      missing_hint: str) -> None:
+    """A decode call must follow the prefill and add exactly one key to what the method summarised.
+
+    ``held``: keys summarised in the method's per-layer ``state`` before this call (None: no state);
+    ``n_keys``: the KV cache length, the new token included. Raises RuntimeError otherwise.
+    """
+    if held is None:
+        raise RuntimeError(f"{method} layer {layer_idx}: decode before prefill (no {state}); {missing_hint}")
+    if held != n_keys - 1:
+        raise RuntimeError(f"{method} layer {layer_idx}: {state} holds {held} keys, the KV cache {n_keys - 1} "
+                           f"before this token; one token per decode step is required")
+
+
+class BlockSelector:
+    """Base class of block-selection methods. One instance per model; per-sequence state inside."""
+
+    name: str = "base"
+    block_size: int = 64
+
+    def attach(self, model) -> None:
+        """Called once when the hook is enabled on ``model`` (e.g. to register forward hooks)."""
+
+    def detach(self) -> None:
+        """Undo :meth:`attach`."""
+
+    def reset(self, batch_size: int) -> None:
+        """Forget all per-sequence state: called before every new prompt (batch)."""
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        """False for layers that stay dense (e.g. the first ``dense_layers``)."""
+        raise NotImplementedError
+
+    def select_prefill(self, layer_idx: int, module, query: torch.Tensor, key: torch.Tensor) -> BlockLists:
+        """Kept blocks for every query block: block_idx (B, H_kv, n_b, max_kept), block_cnt (B, H_kv, n_b)."""
+        raise NotImplementedError
+
+    def select_decode(self, layer_idx: int, module, query: torch.Tensor, key_cache: torch.Tensor) -> BlockLists:
+        """Kept cache blocks for one new query: block_idx (B, H_kv, max_kept), block_cnt (B, H_kv).
+
+        ``key_cache`` (B, H_kv, N, d) holds every key so far, the new token's (position N-1) included.
+        Implementations update running per-block summaries from ``key_cache[:, :, -1]`` only.
+        """
+        raise NotImplementedError
+
+    def describe(self) -> Dict[str, Any]:
+        """Every knob, for run manifests and result files."""
+        return {"selector": self.name, "block_size": self.block_size}
