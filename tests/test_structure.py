@@ -152,7 +152,7 @@ def test_importing_seer_attn_loads_no_sketch_walk_method_module():
     assert [m for m in loaded if m != "sketch_walk" and not m.startswith("sketch_walk.core")] == []
 
 
-def test_the_checker_sees_violations(tmp_path):
+def test_the_checker_sees_violations():
     """The import resolution above is not vacuous: relative and absolute forms resolve to the right modules."""
     probe = REPO / "seer_attn" / "selector.py"
     names = {n for n, _, _ in imports_of(probe)}
