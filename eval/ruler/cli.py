@@ -13,7 +13,7 @@ import sys
 
 from sketch_walk.core.errors import UsageError
 
-__all__ = ["OneLineParser", "UsageError", "cli_main", "warn"]
+__all__ = ["OneLineParser", "UsageError", "cli_main", "int_at_least", "warn"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -21,6 +21,21 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
+
+
+def int_at_least(low: int):
+    """An argparse ``type``: an integer >= ``low`` (the parser reports anything else as one line)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
 def cli_main(fn):

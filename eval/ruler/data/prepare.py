@@ -40,7 +40,7 @@ import time
 
 import yaml
 
-from eval.ruler.cli import OneLineParser, UsageError, cli_main
+from eval.ruler.cli import OneLineParser, UsageError, cli_main, int_at_least
 from eval.ruler.data.template import TEMPLATE_TYPES, select_template
 from eval.ruler.data.tokenizer import TOKENIZER_TYPES, select_tokenizer
 
@@ -48,17 +48,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULTS = {"max_seq_length": 4096, "num_samples": 5, "tokenizer_type": "hf"}
 
-
-def _int_flag(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid integer value: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
 
 
 
@@ -73,16 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: smollm2 (default), a .gguf file, a model folder or a hub name; openai: an encoding; "
                         "nemo: the tokenizer model file")
     p.add_argument("--tokenizer_type", type=str, default=DEFAULTS["tokenizer_type"], choices=TOKENIZER_TYPES)
-    p.add_argument("--max_seq_length", type=_int_flag(1), default=DEFAULTS["max_seq_length"],
+    p.add_argument("--max_seq_length", type=int_at_least(1), default=DEFAULTS["max_seq_length"],
                    help="max sequence length including all input tokens and generated tokens.")
-    p.add_argument("--num_samples", type=_int_flag(1), default=DEFAULTS["num_samples"],
+    p.add_argument("--num_samples", type=int_at_least(1), default=DEFAULTS["num_samples"],
                    help="number of samples of each task")
     p.add_argument("--random_seed", type=int, default=42)
     p.add_argument("--model_template_type", type=str, default=None, choices=TEMPLATE_TYPES,
                    help="default: chat when the tokenizer has a chat template, else base")
     p.add_argument("--remove_newline_tab", action="store_true", help="remove `\\n` and `\\t` in all strings.")
-    p.add_argument("--chunk_idx", type=_int_flag(0), default=0, help="index of current split chunk")
-    p.add_argument("--chunk_amount", type=_int_flag(1), default=1, help="size of split chunk")
+    p.add_argument("--chunk_idx", type=int_at_least(0), default=0, help="index of current split chunk")
+    p.add_argument("--chunk_amount", type=int_at_least(1), default=1, help="size of split chunk")
     p.add_argument("--config_file", type=str, default=None, help="task yaml (default: ../{benchmark}.yaml)")
     p.add_argument("--essay_file", type=str, default=None, help="essay haystack (PaulGrahamEssays.json format)")
     p.add_argument("--qa_file", type=str, action="append", default=[],

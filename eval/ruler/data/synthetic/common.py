@@ -36,7 +36,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from eval.ruler.cli import OneLineParser, UsageError
+from eval.ruler.cli import OneLineParser, UsageError, int_at_least
 from eval.ruler.data.manifest_utils import write_manifest
 from eval.ruler.data.synthetic.constants import TASKS
 from eval.ruler.data.template import CHAT, ModelTemplate, TEMPLATE_TYPES, select_template
@@ -354,24 +354,8 @@ def zeta(s: float) -> float:
 # RULER-compatible command line of a generator script
 # --------------------------------------------------------------------------------------------
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer value: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer value: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
