@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._launch import LOG2E, cdiv, check_block_size, int32_lists, pow2, sm_count, unit_stride
+from .block_sparse_prefill import online_softmax_step
 
 
 @triton.jit(do_not_specialize=["N_KEYS", "BPS", "NUM_SPLITS"])
@@ -77,13 +78,7 @@ def _decode_split_kernel(
         v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :], mask=kmask, other=0.0)
         qk = tl.dot(q, tl.trans(k))
         qk = tl.where(k_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, qk, v, qk_scale)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)

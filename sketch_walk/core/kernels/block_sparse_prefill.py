@@ -43,10 +43,11 @@ from ._launch import LOG2E, TunedKernel, cdiv, check_block_size, int32_lists, po
 
 
 @triton.jit
-def _online_step(acc, m_i, l_i, qk, v, qk_scale):
-    """One online-softmax update with raw scores qk (masked entries -inf), in base 2.
-    The running maximum m_i starts at a finite -1e30, not -inf: a row with no visible key so far
-    (a sliding window's first block) keeps m_i finite, so its exp2(-inf - m_i) is 0, never NaN."""
+def online_softmax_step(acc, m_i, l_i, qk, v, qk_scale):
+    """One online-softmax update with raw scores qk (masked entries -inf), in base 2 (the decode kernel's too).
+    The prefill starts the running maximum m_i at a finite -1e30, not -inf: a row with no visible key so far
+    (a sliding window's first block) keeps m_i finite, so its exp2(-inf - m_i) is 0, never NaN. Decode may
+    start at -inf: every listed cache block holds a visible key."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
@@ -106,7 +107,7 @@ def _block_sparse_prefill_kernel(
     has_diag = (cnt > 0) & (last == qblk)
     n_off = cnt - has_diag.to(tl.int32)                     # off-diagonal entries
 
-    # finite start: see _online_step
+    # finite start: see online_softmax_step
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -129,7 +130,7 @@ def _block_sparse_prefill_kernel(
         qk = tl.dot(q, tl.trans(k))
         if HAS_WINDOW:
             qk = tl.where(qpos[:, None] - kpos[None, :] < WINDOW, qk, float("-inf"))
-        acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, qk, v, qk_scale)
 
     # Phase 2: the remaining (< KPI) off-diagonal blocks.
     if KPI > 1:
@@ -145,7 +146,7 @@ def _block_sparse_prefill_kernel(
             qk = tl.where(ent_ok[None, :], qk, float("-inf"))
             if HAS_WINDOW:
                 qk = tl.where(qpos[:, None] - kpos[None, :] < WINDOW, qk, float("-inf"))
-            acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale)
+            acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, qk, v, qk_scale)
 
     # Phase 3: the diagonal block, token-level causal (also masks the partial last block).
     if has_diag:
@@ -158,7 +159,7 @@ def _block_sparse_prefill_kernel(
         qk = tl.where(kpos[None, :] <= qpos[:, None], qk, float("-inf"))
         if HAS_WINDOW:
             qk = tl.where(qpos[:, None] - kpos[None, :] < WINDOW, qk, float("-inf"))
-        acc, m_i, l_i = _online_step(acc, m_i, l_i, qk, v, qk_scale)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, qk, v, qk_scale)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
