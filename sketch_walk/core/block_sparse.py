@@ -139,6 +139,14 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[in
     return b, h, n, d, h_kv
 
 
+def _blocked(x: torch.Tensor, block_size: int, work: torch.dtype) -> torch.Tensor:
+    """x (..., n, d) in ``work`` dtype, zero-padded to whole blocks and viewed as (..., n_b, block_size, d)."""
+    n, d = x.shape[-2:]
+    nb = num_blocks(n, block_size)
+    padded = torch.nn.functional.pad(x.to(work), (0, 0, 0, nb * block_size - n))
+    return padded.view(*x.shape[:-2], nb, block_size, d)
+
+
 def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                                      block_cnt: torch.Tensor, block_size: int, sm_scale: Optional[float] = None,
                                      max_gather_bytes: int = 1 << 28,
@@ -157,10 +165,8 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     bs = block_size
     nb = num_blocks(n, bs)
-    pad = nb * bs - n
-    qb = torch.nn.functional.pad(q.to(work), (0, 0, 0, pad)).view(b, h_kv, r, nb, bs, d)
-    kb = torch.nn.functional.pad(k.to(work), (0, 0, 0, pad)).view(b, h_kv, nb, bs, d)
-    vb = torch.nn.functional.pad(v.to(work), (0, 0, 0, pad)).view(b, h_kv, nb, bs, d)
+    qb = _blocked(q, bs, work).view(b, h_kv, r, nb, bs, d)
+    kb, vb = _blocked(k, bs, work), _blocked(v, bs, work)
     max_kept = block_idx.shape[-1]
     valid = torch.arange(max_kept, device=q.device) < block_cnt.unsqueeze(-1).long()     # (B, Hkv, nb, mk)
     idx = torch.where(valid, block_idx.long(), torch.zeros_like(block_idx, dtype=torch.long))
@@ -212,10 +218,7 @@ def block_sparse_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     bs = block_size
-    nb = num_blocks(n, bs)
-    pad = nb * bs - n
-    kb = torch.nn.functional.pad(k_cache.to(work), (0, 0, 0, pad)).view(b, h_kv, nb, bs, d)
-    vb = torch.nn.functional.pad(v_cache.to(work), (0, 0, 0, pad)).view(b, h_kv, nb, bs, d)
+    kb, vb = _blocked(k_cache, bs, work), _blocked(v_cache, bs, work)
     max_kept = block_idx.shape[-1]
     valid = torch.arange(max_kept, device=q.device) < block_cnt.unsqueeze(-1).long()       # (B, Hkv, mk)
     idx = torch.where(valid, block_idx.long(), torch.zeros_like(block_idx, dtype=torch.long))
