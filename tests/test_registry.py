@@ -124,7 +124,6 @@ def test_registry_tells_checkpoints_apart(tmp_path):
     sw.mkdir()
     (sw / "config.json").write_text(json.dumps({"method": "sketch_walk", "base_model": "smollm2", "top_k_blocks": 8}))
     assert registry.read_checkpoint(str(sw))["top_k_blocks"] == 8
-    assert registry.server_for_checkpoint("sketch_walk") is registry.get("SketchWalk")
     seer = tmp_path / "seer"
     seer.mkdir()
     (seer / "config.json").write_text(json.dumps({"method": "seer_attn", "base_model": "x"}))

@@ -83,11 +83,6 @@ def read_checkpoint(folder: str) -> Optional[Dict[str, Any]]:
     return data
 
 
-def server_for_checkpoint(method: str) -> Optional[Server]:
-    """The method whose checkpoint folders say ``"method": method``."""
-    return next((s for s in _SERVERS.values() if s.checkpoint == method), None)
-
-
 #: The methods, one line each: "module:attribute" of its Server, registered in this order.
 SERVERS = (
     "eval.ruler.pred.servers:DENSE",
