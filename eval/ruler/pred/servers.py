@@ -2,14 +2,15 @@
 
 Each is a :class:`Server` (registered in eval/ruler/pred/registry.py). The method code itself lives in its
 package (``sketch_walk``, ``seer_attn``): this module only says how the harness resolves its knobs, reads its
-checkpoints and switches it on in a loaded model. Imports of the method packages happen inside the functions,
-so that listing the servers costs nothing.
+checkpoints and switches it on in a loaded model. The method packages are imported inside the functions that
+use them; only SketchWalk's flag names (its config's fields) are read when this module loads.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Tuple
+
 
 def _no_knobs(args: argparse.Namespace, ckpt: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     return {}
