@@ -17,6 +17,8 @@ and the local floor's scores (recency), so the Sketch&Walk server's three select
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -91,6 +93,133 @@ def select_blocks(scores: torch.Tensor, row_ids: torch.Tensor, n_sink: int, n_lo
     entries = entries[..., :max_kept]
     idx = torch.where(entries >= BIG, torch.full_like(entries, -1), entries).to(torch.int32)
     return idx.contiguous(), cnt.to(torch.int32).contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
+class RowRule:
+    """Which blocks a query-block row keeps, for one context length (block counts, from shapes only).
+
+    Row i always keeps the sink {0..sink_keep-1} and the local blocks {i-local_keep+1..i} (the forced blocks).
+    Its budget then adds blocks from its candidates: the causal blocks outside {0..sink_skip-1} and
+    {i-local_skip+1..i}:
+    * ``fixed``: the ``top_k`` best candidates; a row with no more causal blocks than sink_keep + local_keep + top_k
+      is dense;
+    * ``fraction``: every causal block scoring above the (1 - ``fraction``) quantile of the candidates' scores
+      (torch.nanquantile's linear interpolation; no candidates: none);
+    * ``mass``: the best candidates, fewest first, until the forced and chosen blocks hold ``mass`` of the row's
+      estimated attention (scores clamped at 0 and normalised over the causal blocks), at least ``min_blocks`` and
+      at most ``max_blocks`` (0: no cap) of them.
+    """
+
+    mode: str = "fixed"
+    sink_keep: int = 1
+    local_keep: int = 1
+    sink_skip: int = 1
+    local_skip: int = 1
+    top_k: int = 16
+    fraction: float = 0.125
+    mass: float = 0.9
+    min_blocks: int = 0
+    max_blocks: int = 0
+
+    @property
+    def plain(self) -> bool:
+        """A fixed budget whose candidates are exactly the blocks not forced: :func:`select_blocks` (and the kernels)."""
+        return (self.mode == "fixed" and self.sink_skip == self.sink_keep and self.local_skip == self.local_keep)
+
+    def width(self, n_b: int, dense_last: int = 0) -> int:
+        """The list width for n_b key blocks, from shapes only: enough for every row this rule can keep."""
+        forced = self.sink_keep + self.local_keep
+        if self.mode == "fixed":
+            most = forced + self.top_k
+        elif self.mode == "fraction":
+            # above a linear-interpolated quantile of c candidates: at most ceil((c - 1) f) + 1 of them, plus the
+            # causal blocks that are neither forced nor candidates (skip ranges wider than the kept ones)
+            gaps = max(0, self.sink_skip - self.sink_keep) + max(0, self.local_skip - self.local_keep)
+            most = forced + gaps + math.ceil((n_b - 1) * self.fraction) + 1
+        else:
+            most = forced + (self.max_blocks or n_b)
+        return max_kept_for(n_b, most, dense_last)
+
+
+def row_rule(config, n_tokens: int, decode: bool) -> RowRule:
+    """The :class:`RowRule` of a :class:`sketch_walk.config.SketchWalkConfig` for a context of ``n_tokens``.
+
+    ``window_fraction`` f > 0 keeps a token sink and a token window of w = max(1, int(f n)) tokens each, rounded out
+    to the blocks they touch: the sink is blocks 0..ceil(w/B)-1; in prefill, query block i's tokens reach back w - 1
+    tokens, to block i - ceil((w-1)/B); in decode the window is the last ceil(w/B) blocks. Those window blocks are
+    left out of the candidates, and so is a sink of max(1, int(sink_fraction n)) tokens when sink_fraction > 0 (the
+    kept sink otherwise; in decode they are kept as well). n_sink / n_local stay lower bounds.
+    """
+    c = config
+    bs = c.block_size
+    sink_keep, local_keep, local_skip = c.n_sink, c.n_local, c.n_local
+    if c.window_fraction > 0:
+        w = max(1, int(c.window_fraction * n_tokens))
+        sink_keep = max(sink_keep, -(-w // bs))
+        local_keep = max(local_keep, -(-w // bs) if decode else -(-(w - 1) // bs) + 1)
+        local_skip = max(local_skip, -(-w // bs))
+    sink_skip = sink_keep
+    if c.sink_fraction > 0:
+        sink_skip = max(c.n_sink, -(-max(1, int(c.sink_fraction * n_tokens)) // bs))
+        if decode:                                  # the authors' decode keeps those sink blocks too
+            sink_keep = max(sink_keep, sink_skip)
+    return RowRule(mode=c.budget_mode, sink_keep=sink_keep, local_keep=local_keep, sink_skip=sink_skip,
+                   local_skip=local_skip, top_k=c.top_k_blocks, fraction=c.budget_fraction, mass=c.budget_mass,
+                   min_blocks=c.budget_min_blocks, max_blocks=c.budget_max_blocks)
+
+
+def select_by_rule(scores: torch.Tensor, row_ids: torch.Tensor, rule: RowRule, dense_last: int = 0,
+                   extra: Optional[torch.Tensor] = None, extra_width: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Step 7 for any :class:`RowRule`: scores (..., m, n_b) -> kept-block lists, as :func:`select_blocks` returns.
+
+    ``row_ids`` and ``dense_last`` as in :func:`select_blocks`. ``extra`` (..., m, n_b) bool: blocks kept besides the
+    rule's (e.g. the question's prefill blocks in decode), at most ``extra_width`` per row. A plain fixed rule without
+    extras is :func:`select_blocks` itself; the others build a keep mask and list it (one sort per row, no host sync).
+    """
+    if rule.plain and extra is None:
+        return select_blocks(scores, row_ids, rule.sink_keep, rule.local_keep, rule.top_k, dense_last=dense_last)
+    n_b = scores.shape[-1]
+    dev = scores.device
+    rows = row_ids.to(device=dev, dtype=torch.int64)
+    i = rows.unsqueeze(-1)
+    j = torch.arange(n_b, device=dev, dtype=torch.int64)
+    causal = j <= i                                                          # (m, n_b)
+    forced = causal & ((j < rule.sink_keep) | (j > i - rule.local_keep))
+    cand = causal & (j >= rule.sink_skip) & (j <= i - rule.local_skip)
+    s = scores.float()
+    if rule.mode == "fraction":
+        pool = s.masked_fill(~cand, float("nan"))
+        th = torch.nanquantile(pool, 1.0 - rule.fraction, dim=-1, keepdim=True)   # NaN (no candidates): keeps none
+        chosen = causal & (s > th)
+    else:
+        keys = torch.where(cand & ~forced, _score_keys(s), torch.full((), -1, dtype=torch.int64, device=dev))
+        order = keys.sort(dim=-1, descending=True)
+        valid = order.values >= 0
+        if rule.mode == "fixed":
+            take = torch.full(s.shape[:-1], rule.top_k, dtype=torch.int64, device=dev)
+        else:
+            est = s.clamp_min(0).masked_fill(~causal, 0.0)
+            est = est / est.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            have = (est * forced).sum(-1, keepdim=True)
+            sorted_mass = torch.gather(est, -1, order.indices) * valid
+            before = sorted_mass.cumsum(-1) - sorted_mass                    # mass held before adding entry t
+            take = ((have + before < rule.mass) & valid).sum(-1).clamp_min(rule.min_blocks)
+            if rule.max_blocks:
+                take = take.clamp_max(rule.max_blocks)
+        pick = valid & (torch.arange(n_b, device=dev) < take.unsqueeze(-1))
+        chosen = torch.zeros_like(pick).scatter(-1, order.indices, pick)
+        if rule.mode == "fixed":                                             # short rows are dense
+            chosen = chosen | (causal & (rows + 1 <= rule.sink_keep + rule.local_keep + rule.top_k).unsqueeze(-1))
+    keep = forced | chosen
+    if extra is not None:
+        keep = keep | (extra & causal)
+    if dense_last > 0:
+        keep = keep | (causal & (rows >= n_b - dense_last).unsqueeze(-1))
+    width = min(n_b, rule.width(n_b, dense_last) + extra_width)
+    entries = torch.where(keep, j, torch.full_like(j, BIG)).sort(dim=-1).values[..., :width]
+    idx = torch.where(entries >= BIG, torch.full_like(entries, -1), entries).to(torch.int32)
+    return idx.contiguous(), keep.sum(-1).clamp_max(width).to(torch.int32).contiguous()
 
 
 def expand_to_kv_heads(block_idx: torch.Tensor, block_cnt: torch.Tensor, n_kv: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -170,4 +299,4 @@ def oracle_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: 
     return out
 
 
-__all__ = ["select_blocks", "max_kept_for", "expand_to_kv_heads", "local_scores", "oracle_block_mass"]
+__all__ = ["select_blocks", "select_by_rule", "row_rule", "RowRule", "max_kept_for", "expand_to_kv_heads", "local_scores", "oracle_block_mass"]

@@ -41,19 +41,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from .config import SketchWalkConfig
 from .core.block_sparse import num_blocks, resolve_backend
-from .core.block_summary import RunningBlockSummary, block_mean, grow_blocks
+from .core.block_summary import RunningBlockSummary, block_mean, block_sum, grow_blocks
 from .core.contract import BlockLists, BlockSelector, check_decode_step
 from .core.errors import UsageError
 from .core.hook import SparseAttentionSession, enable_sparse_attention
-from .selection import expand_to_kv_heads, local_scores, oracle_block_mass, select_blocks
-from .sketch import layer_seed, scores_mean, scores_minmax, srht, srht_matrix
-from .walk import block_transition, causal_block_mask, kv_chunk_size, sharpen, walk_row, walk_update
+from .selection import expand_to_kv_heads, local_scores, oracle_block_mass, row_rule, select_by_rule
+from .sketch import (authors_score_scale, layer_seed, max_over_sub_blocks, scores_mean, scores_minmax, srht,
+                     srht_matrix)
+from .walk import (block_transition, causal_block_mask, kv_chunk_size, running_transition_update, sharpen, walk_row,
+                   walk_update)
 
 
 @dataclass
@@ -61,16 +63,22 @@ class LayerDecodeState:
     """What one sparse layer keeps for decode.
 
     ``keys``: the running block summaries of its keys (:class:`RunningBlockSummary`: counts, with fp64 sums for
-    key_summary mean or Kmax / Kmin for minmax); ``k_t`` (B, H_kv, cap, k') fp32, the sketched block means
-    (mean); ``w_cache`` (B, G', cap, cap) fp32, the sharpened transition (walk_damping > 0); ``q_recent``
-    (B, H, <= window-1, d) fp32, the last queries (decode_query_window > 1). Block axes follow the summary's
-    capacity ``cap`` >= n_b; only the first n_b entries mean anything.
+    key_summary mean or Kmax / Kmin for minmax, of blocks or, with key_sub_blocks > 1, of sub-blocks);
+    ``block_size`` the selection's block; ``k_t`` (B, H_kv, cap, k') fp32, the sketched block means (mean);
+    ``w_cache`` (B, G', cap, cap) fp32, the sharpened transition (walk_damping > 0); ``q_recent``
+    (B, H, <= window-1, d) fp32, the last queries (decode_query_window > 1); ``question`` (B, G', cap) bool, the
+    blocks the prompt's last query block chose at prefill (decode_keep_question), at most ``question_width`` of
+    them. Block axes have a capacity ``cap`` >= n_b; only the first n_b entries mean anything.
     """
 
     keys: RunningBlockSummary
+    block_size: int
     k_t: Optional[torch.Tensor] = None
     w_cache: Optional[torch.Tensor] = None
     q_recent: Optional[torch.Tensor] = None
+    question: Optional[torch.Tensor] = None
+    question_width: int = 0
+    padded_means: bool = False
 
     def append_key(self, k_new: torch.Tensor, srht_matrix: Optional[torch.Tensor],
                    minmax_elsewhere: bool = False) -> int:
@@ -80,21 +88,24 @@ class LayerDecodeState:
         zero row and column of W_cache. ``minmax_elsewhere`` (key_summary minmax on the Triton decode path):
         the count and Kmax / Kmin of the block are updated by
         :func:`sketch_walk.kernels.decode_select.decode_select_triton`. With key_summary mean the block's
-        sketch is recomputed from its running mean (``srht_matrix``, O(d k)).
+        sketch is recomputed from its running mean (``srht_matrix``, O(d k); ``padded_means``: sum / block_size).
         """
-        opened = self.keys.n % self.keys.block_size == 0
-        i = self.keys.append(k_new, minmax_elsewhere=minmax_elsewhere)
-        if opened:
-            cap = self.keys.capacity
+        pos = self.keys.n
+        i = pos // self.block_size
+        j = self.keys.append(k_new, minmax_elsewhere=minmax_elsewhere)     # == i unless keys hold sub-blocks
+        if pos % self.block_size == 0:
+            cap = -(-self.keys.capacity * self.keys.block_size // self.block_size)
             if self.k_t is not None and self.k_t.shape[2] < cap:
                 self.k_t = grow_blocks(self.k_t, cap, [2])
+            if self.question is not None and self.question.shape[2] < cap:
+                self.question = grow_blocks(self.question, cap, [2])
             if self.w_cache is not None:
                 if self.w_cache.shape[2] < cap:
                     self.w_cache = grow_blocks(self.w_cache, cap, [2, 3])
                 self.w_cache[:, :, i, :].fill_(0)
                 self.w_cache[:, :, :, i].fill_(0)
         if self.k_t is not None:
-            self.k_t[:, :, i] = srht(self.keys.mean(i).float(), srht_matrix)
+            self.k_t[:, :, j] = srht(self.keys.mean(j, padded=self.padded_means).float(), srht_matrix)
         return i + 1
 
 
@@ -155,24 +166,58 @@ class SketchWalkSelector(BlockSelector):
             self._srht_cache[key] = s
         return s
 
-    def _lists(self, r_scores: torch.Tensor, row_ids: torch.Tensor, n_kv: int, dense_last: int) -> BlockLists:
+    def _score_scale(self, module, d: int) -> float:
+        """The block scores' logit scale: the attention's, or with key_summary mean and score_scale "authors" theirs."""
         c = self.config
-        idx, cnt = select_blocks(r_scores, row_ids, c.n_sink, c.n_local, c.top_k_blocks, dense_last=dense_last)
+        if c.key_summary == "mean" and c.score_scale == "authors":
+            return authors_score_scale(d, c.sketch_dim)
+        return self._scale(module, d)
+
+    def _lists(self, r_scores: torch.Tensor, row_ids: torch.Tensor, n_kv: int, dense_last: int, n_tokens: int,
+               decode: bool, extra: Optional[torch.Tensor] = None, extra_width: int = 0) -> BlockLists:
+        """Step 7 with the configured budget (:func:`sketch_walk.selection.row_rule` for this context length)."""
+        rule = row_rule(self.config, n_tokens, decode)
+        idx, cnt = select_by_rule(r_scores, row_ids, rule, dense_last, extra, extra_width)
         return expand_to_kv_heads(idx, cnt, n_kv)
 
+    def _question_blocks(self, walk: torch.Tensor, n_tokens: int) -> Tuple[torch.Tensor, int]:
+        """The blocks the prompt's last query block keeps under the budget (dense_last aside): (B, G', n_b) bool and
+        the most it can hold (from shapes)."""
+        nb = walk.shape[-1]
+        rule = row_rule(self.config, n_tokens, decode=False)
+        idx, _ = select_by_rule(walk[..., -1:, :], torch.full((1,), nb - 1, device=walk.device), rule)
+        idx = idx.squeeze(-2).long()                                                   # (B, G', w), -1 padded
+        mask = torch.zeros(*idx.shape[:-1], nb + 1, dtype=torch.bool, device=walk.device)
+        mask.scatter_(-1, torch.where(idx < 0, nb, idx), True)
+        return mask[..., :nb], idx.shape[-1]
+
     def _keep_decode_state(self, layer_idx: int, keys: RunningBlockSummary, k_t: Optional[torch.Tensor],
-                           w: torch.Tensor, query: torch.Tensor) -> None:
+                           w: torch.Tensor, walk: torch.Tensor, query: torch.Tensor) -> None:
         """After a prefill: what decode needs of this layer (nothing when decode runs dense)."""
         c = self.config
         if c.skip_decode:
             return
-        st = LayerDecodeState(keys=keys, k_t=k_t)
+        st = LayerDecodeState(keys=keys, block_size=c.block_size, k_t=k_t, padded_means=c.pool_partial == "padded")
         if c.walk_damping > 0:
             st.w_cache = w
         if c.decode_query_window > 1:
             n = query.shape[2]
             st.q_recent = query[:, :, max(0, n - (c.decode_query_window - 1)):].float()
+        if c.decode_keep_question:
+            st.question, st.question_width = self._question_blocks(walk, query.shape[2])
         self.state.layers[layer_idx] = st
+
+    def _kernels_cover(self, decode: bool) -> bool:
+        """Whether the Triton selection kernels implement this configuration (the seed's rules: a fixed budget, no
+        token fractions, causal scores, the identity walk start, exact means, whole-block bounds; in decode also the
+        chained walk, the latest-row transition, one scored query and no question blocks). Otherwise torch runs."""
+        c = self.config
+        ok = (c.budget_mode == "fixed" and c.window_fraction == 0 and c.causal_scores and c.walk_start == "identity"
+              and c.pool_partial == "exact" and c.key_sub_blocks == 1)
+        if decode:
+            ok = ok and c.decode_walk == "chain" and c.decode_transition == "latest_row" and not c.decode_keep_question \
+                and (c.decode_query_window == 1 or c.decode_window_scoring == "mean_query")
+        return ok
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -192,35 +237,41 @@ class SketchWalkSelector(BlockSelector):
         if self.state.batch_size != b:
             self.reset(b)
 
-        if c.selector == "sketchwalk" and resolve_backend(query.device, self.backend) == "triton":
-            return self._select_prefill_triton(layer_idx, query, key, scale)           # GPU: ~6 Triton launches
+        if (c.selector == "sketchwalk" and self._kernels_cover(decode=False)
+                and resolve_backend(query.device, self.backend) == "triton"):
+            return self._select_prefill_triton(layer_idx, query, key, self._score_scale(module, d))  # ~6 launches
         rows_ids = torch.arange(nb, device=query.device)
         if c.selector == "local":
-            return self._lists(local_scores(nb, nb, query.device), rows_ids, hkv, c.dense_last_blocks)
+            return self._lists(local_scores(nb, nb, query.device), rows_ids, hkv, c.dense_last_blocks, n, False)
         if c.selector == "oracle":
             mass = oracle_block_mass(query, key, bs, scale, c.select_per, causal=True,
                                      budget_bytes=self.score_budget_bytes)
-            return self._lists(mass, rows_ids, hkv, c.dense_last_blocks)
+            return self._lists(mass, rows_ids, hkv, c.dense_last_blocks, n, False)
 
         r = h // hkv
-        q_bar = block_mean(query, bs).view(b, hkv, r, nb, d)                             # step 1
+        padded = c.pool_partial == "padded"
+        q_bar = (block_sum(query, bs) / bs if padded else block_mean(query, bs)).view(b, hkv, r, nb, d)  # step 1
         mean = c.key_summary == "mean"
-        keys = RunningBlockSummary.from_keys(key, bs, sum_dtype=torch.float64 if mean else None, minmax=not mean)
+        sub = 1 if mean else c.key_sub_blocks
+        keys = RunningBlockSummary.from_keys(key, bs // sub, sum_dtype=torch.float64 if mean else None,
+                                             minmax=not mean)
         k_t = None
         if mean:
             s_mat = self._srht(layer_idx, d, query.device)                               # step 2
-            q_t, k_t = srht(q_bar, s_mat), srht(keys.mean().float(), s_mat)
+            q_t, k_t = srht(q_bar, s_mat), srht(keys.mean(padded=padded).float(), s_mat)
+            scale = self._score_scale(module, d)
             score_fn = lambda g0, g1: scores_mean(q_t[:, g0:g1], k_t[:, g0:g1], scale)  # noqa: E731  step 3
         else:                                                                            # step 3b
-            score_fn = lambda g0, g1: scores_minmax(q_bar[:, g0:g1], keys.kmax[:, g0:g1],  # noqa: E731
-                                                    keys.kmin[:, g0:g1], scale)
-        chunk = kv_chunk_size(b, hkv, r, nb, nb, self.score_budget_bytes)
-        a = block_transition(score_fn, hkv, r, c.select_per, causal_block_mask(rows_ids, nb), chunk)  # step 4
+            score_fn = lambda g0, g1: max_over_sub_blocks(scores_minmax(  # noqa: E731
+                q_bar[:, g0:g1], keys.kmax[:, g0:g1], keys.kmin[:, g0:g1], scale), sub, nb)
+        chunk = kv_chunk_size(b, hkv, r, nb, nb * sub, self.score_budget_bytes)
+        not_causal = causal_block_mask(rows_ids, nb) if c.causal_scores else None
+        a = block_transition(score_fn, hkv, r, c.select_per, not_causal, chunk)          # step 4
         w = sharpen(a, c.sparsity_exponent)                                              # step 5
-        walk = walk_update(w, self.state.walk_r, c.walk_damping, c.walk_steps)           # step 6
+        walk = walk_update(w, self.state.walk_r, c.walk_damping, c.walk_steps, c.walk_start)  # step 6
         self.state.walk_r = walk
-        self._keep_decode_state(layer_idx, keys, k_t, w, query)
-        return self._lists(walk, rows_ids, hkv, c.dense_last_blocks)                   # step 7
+        self._keep_decode_state(layer_idx, keys, k_t, w, walk, query)
+        return self._lists(walk, rows_ids, hkv, c.dense_last_blocks, n, False)         # step 7
 
     def _select_prefill_triton(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
                                scale: float) -> BlockLists:
@@ -239,21 +290,24 @@ class SketchWalkSelector(BlockSelector):
         self.state.walk_r = res.walk
         keys = RunningBlockSummary(block_size=c.block_size, n=n, counts=res.counts, sums=res.sums, kmax=res.kmax,
                                    kmin=res.kmin)
-        self._keep_decode_state(layer_idx, keys, res.k_t, res.w, query)
+        self._keep_decode_state(layer_idx, keys, res.k_t, res.w, res.walk, query)
         return res.block_idx, res.block_cnt
 
     # ------------------------------------------------------------------------------------------
+    def _decode_window(self, st: LayerDecodeState, query: torch.Tensor) -> torch.Tensor:
+        """This layer's last decode_query_window N > 1 queries (B, H, <= N, d) fp32, the new one last (the prompt's
+        last ones included at the first decode steps); the state keeps the last N - 1."""
+        q_new = query[:, :, :1].float()
+        window = q_new if st.q_recent is None else torch.cat([st.q_recent, q_new], dim=2)
+        st.q_recent = window[:, :, -(self.config.decode_query_window - 1):]
+        return window
+
     def _decode_query(self, st: LayerDecodeState, query: torch.Tensor) -> torch.Tensor:
         """The query decode scores, (B, H, d): the new one in its own dtype, or with decode_query_window N > 1 the
-        fp32 mean of this layer's last N queries (the prompt's last ones included at the first decode step)."""
-        q_new = query[:, :, 0]
-        window_size = self.config.decode_query_window
-        if window_size <= 1:
-            return q_new
-        q_new = q_new.float().unsqueeze(2)
-        window = q_new if st.q_recent is None else torch.cat([st.q_recent, q_new], dim=2)
-        st.q_recent = window[:, :, -(window_size - 1):]
-        return window.mean(dim=2)
+        fp32 mean of this layer's last N queries (:meth:`_decode_window`)."""
+        if self.config.decode_query_window <= 1:
+            return query[:, :, 0]
+        return self._decode_window(st, query).mean(dim=2)
 
     @torch.no_grad()
     def select_decode(self, layer_idx: int, module, query: torch.Tensor, key_cache: torch.Tensor) -> BlockLists:
@@ -266,40 +320,56 @@ class SketchWalkSelector(BlockSelector):
         row = torch.full((1,), nb - 1, dtype=torch.long, device=query.device)
         scale = self._scale(module, d)
         if c.selector == "local":
-            idx, cnt = self._lists(local_scores(nb, 1, query.device), row, hkv, 0)
+            idx, cnt = self._lists(local_scores(nb, 1, query.device), row, hkv, 0, n_keys, True)
             return idx.squeeze(-2), cnt.squeeze(-1)
         if c.selector == "oracle":
             mass = oracle_block_mass(query, key_cache, bs, scale, c.select_per, causal=False)  # (B, G', 1, nb)
-            idx, cnt = self._lists(mass, row, hkv, 0)
+            idx, cnt = self._lists(mass, row, hkv, 0, n_keys, True)
             return idx.squeeze(-2), cnt.squeeze(-1)
 
         st = self.state.layers.get(layer_idx)
         check_decode_step("Sketch&Walk", layer_idx, None if st is None else st.keys.n, n_keys, "decode state",
                           "every prompt must go through the sparse prefill first")
         if self._fused_decode(query.device):
-            return self._select_decode_fused(layer_idx, st, query, key_cache, scale)
+            return self._select_decode_fused(layer_idx, st, query, key_cache, self._score_scale(module, d))
         s_mat = self._srht(layer_idx, d, query.device) if c.key_summary == "mean" else None
         st.append_key(key_cache[:, :, -1], s_mat)
 
-        q_pool = self._decode_query(st, query).float().view(b, hkv, r, 1, d)
+        if c.decode_query_window > 1 and c.decode_window_scoring == "each_query":
+            queries = self._decode_window(st, query)                                    # (B, H, W, d)
+        else:
+            queries = self._decode_query(st, query).unsqueeze(2)                        # (B, H, 1, d)
+        q_pool = queries.float().view(b, hkv, r, queries.shape[2], d)
         if c.key_summary == "mean":
             q_t = srht(q_pool, s_mat)
             k_t = st.k_t[:, :, :nb]
-            score_fn = lambda g0, g1: scores_mean(q_t[:, g0:g1], k_t[:, g0:g1], scale)  # noqa: E731
+            sc = self._score_scale(module, d)
+            score_fn = lambda g0, g1: scores_mean(q_t[:, g0:g1], k_t[:, g0:g1], sc)  # noqa: E731
         else:
-            kmax, kmin = st.keys.kmax[:, :, :nb], st.keys.kmin[:, :, :nb]
-            score_fn = lambda g0, g1: scores_minmax(q_pool[:, g0:g1], kmax[:, g0:g1], kmin[:, g0:g1],  # noqa: E731
-                                                    scale)
-        p = block_transition(score_fn, hkv, r, c.select_per, None, None).squeeze(-2)  # (B, G', nb)
+            n_sub = st.keys.n_blocks
+            kmax, kmin = st.keys.kmax[:, :, :n_sub], st.keys.kmin[:, :, :n_sub]
+            score_fn = lambda g0, g1: max_over_sub_blocks(scores_minmax(  # noqa: E731
+                q_pool[:, g0:g1], kmax[:, g0:g1], kmin[:, g0:g1], scale), c.key_sub_blocks, nb)
+        # (B, G', W, nb) -> (B, G', nb): one query, or the mean of the window's per-query block distributions
+        p = block_transition(score_fn, hkv, r, c.select_per, None, None).mean(dim=-2)
         w = sharpen(p, c.sparsity_exponent)
         if c.walk_damping > 0:
-            st.w_cache[:, :, nb - 1, :nb] = w
-            prev = self.state.decode_r if self.state.decode_r_len == n_keys else None
-            rr = walk_row(w, prev, st.w_cache[:, :, :nb, :nb], c.walk_damping, c.walk_steps)
+            w_cache = st.w_cache[:, :, :nb, :nb]
+            if c.decode_transition == "running_mean":
+                running_transition_update(w_cache, w, nb - 1, (n_keys - 1) % bs + 1)
+            else:
+                w_cache[:, :, nb - 1] = w
+            if c.decode_walk == "own":
+                prev, start = None, "transition"
+            else:
+                prev = self.state.decode_r if self.state.decode_r_len == n_keys else None
+                start = c.walk_start
+            rr = walk_row(w, prev, w_cache, c.walk_damping, c.walk_steps, start)
             self.state.decode_r, self.state.decode_r_len = rr, n_keys
         else:
             rr = w
-        idx, cnt = self._lists(rr.unsqueeze(-2), row, hkv, 0)
+        extra = None if st.question is None else st.question[:, :, :nb].unsqueeze(-2)
+        idx, cnt = self._lists(rr.unsqueeze(-2), row, hkv, 0, n_keys, True, extra, st.question_width)
         return idx.squeeze(-2), cnt.squeeze(-1)
 
     # ------------------------------------------------------------------------------------------
@@ -307,7 +377,7 @@ class SketchWalkSelector(BlockSelector):
         """Whether decode selection runs the Triton kernels: the backend resolves to "triton" (CUDA, or forced
         with TRITON_INTERPRET=1) and walk_steps is 1 (or the walk is off); otherwise the torch path above."""
         c = self.config
-        if c.walk_steps != 1 and c.walk_damping > 0:
+        if (c.walk_steps != 1 and c.walk_damping > 0) or not self._kernels_cover(decode=True):
             return False
         return resolve_backend(device, self.backend) == "triton"
 

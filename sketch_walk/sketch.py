@@ -91,3 +91,31 @@ def scores_minmax(q_bar: torch.Tensor, k_max: torch.Tensor, k_min: torch.Tensor,
     qp = q_bar.clamp_min(0)
     qn = q_bar.clamp_max(0)
     return (torch.einsum("bgrmc,bgnc->bgrmn", qp, k_max) + torch.einsum("bgrmc,bgnc->bgrmn", qn, k_min)) * scale
+
+
+def max_over_sub_blocks(scores: torch.Tensor, sub_blocks: int, n_b: int) -> torch.Tensor:
+    """Scores of sub-blocks (..., n_sub) -> scores of blocks (..., n_b): the best of each block's ``sub_blocks``.
+
+    With key_summary minmax on sub-blocks of B / sub_blocks tokens this bounds max_t q . k_t more tightly than one
+    Kmax / Kmin per block (LServe's hierarchical paging); n_sub = ceil(n / (B / sub_blocks)) may end mid-block.
+    """
+    if sub_blocks == 1:
+        return scores
+    pad = n_b * sub_blocks - scores.shape[-1]
+    if pad:
+        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+    return scores.unflatten(-1, (n_b, sub_blocks)).amax(-1)
+
+
+def authors_score_scale(d: int, sketch_dim: int) -> float:
+    """The logit scale of the authors' block scores, on the exact inner product q . k (score_scale "authors").
+
+    Their sketch is the unnormalised sign-randomised Walsh-Hadamard transform of the head vector padded to d_p (a
+    power of two), divided by sqrt(d_p / m), keeping m = min(sketch_dim, d_p) coordinates, and their logits are
+    <S q, S k> / sqrt(m) / 100. Since that S is (m / sqrt(d_p)) times :func:`srht_matrix`'s (same signs and
+    coordinates), the logit is m^1.5 / (100 d_p) times this project's estimate of q . k: 0.113 for d = 128
+    (1.28 x the attention's 1/sqrt(128)), 0.08 for d = 64 (0.64 x 1/8).
+    """
+    dp = 1 << max(0, (int(d) - 1).bit_length())
+    m = min(int(sketch_dim), dp)
+    return m ** 1.5 / (100.0 * dp)

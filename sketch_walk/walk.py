@@ -83,18 +83,21 @@ def _prev_for(r_prev: torch.Tensor, groups: int) -> torch.Tensor:
     return r_prev
 
 
-def walk_update(w: torch.Tensor, r_prev: Optional[torch.Tensor], beta: float, steps: int = 1) -> torch.Tensor:
+def walk_update(w: torch.Tensor, r_prev: Optional[torch.Tensor], beta: float, steps: int = 1,
+                start: str = "identity") -> torch.Tensor:
     """Step 6. R_l = rownorm((1 - beta) W_l + beta R_{l-1} W_l), repeated ``steps`` times.
 
     w (B, G', n_b, n_b) this layer's sharpened transition; r_prev (B, G_prev, n_b, n_b) the previous sparse
-    layer's R, or None before the first sparse layer (R = identity, so the first update gives W). With
-    steps > 1 each repetition replaces R_{l-1} by the R just computed (the authors' code composes 3
-    times). beta = 0 returns W (the one-hop baseline) without any matrix product. Cost O(n_b^3) per step
-    (a batched matmul of lower-triangular matrices), memory O(n_b^2) per group.
+    layer's R, or None before the first sparse layer: then R_{l-1} is the identity (``start`` "identity", so the
+    first update gives W) or W itself ("transition", the authors' code). With steps > 1 each repetition replaces
+    R_{l-1} by the R just computed (the authors' code composes 3 times). beta = 0 returns W (the one-hop baseline)
+    without any matrix product. Cost O(n_b^3) per step (a batched matmul), memory O(n_b^2) per group.
     """
     if beta == 0.0:
         return w
     r = None if r_prev is None else _prev_for(r_prev, w.shape[1])
+    if r is None and start == "transition":
+        r = w
     for _ in range(steps):
         hop = w if r is None else torch.matmul(r, w)
         r = rownorm((1.0 - beta) * w + beta * hop)
@@ -102,18 +105,40 @@ def walk_update(w: torch.Tensor, r_prev: Optional[torch.Tensor], beta: float, st
 
 
 def walk_row(w_row: torch.Tensor, r_prev: Optional[torch.Tensor], w_cache: torch.Tensor, beta: float,
-             steps: int = 1) -> torch.Tensor:
+             steps: int = 1, start: str = "identity") -> torch.Tensor:
     """Decode walk: r_l = rownorm((1 - beta) w_l + beta r_{l-1} W_l_cache), repeated ``steps`` times.
 
     w_row (B, G', n_b): this layer's sharpened row for the new query; r_prev (B, G_prev, n_b): the previous
-    sparse layer's r at this step, or None (identity: the row of the current block, e_{n_b-1}, so the hop
-    term is W_cache[n_b-1], which the caller has set to w_row); w_cache (B, G', n_b, n_b): the layer's
-    transition kept from prefill, extended as blocks open. Cost O(n_b^2) per step (a vector-matrix product).
+    sparse layer's r at this step, or None: then r_{l-1} is the identity's row of the current block, e_{n_b-1}
+    (``start`` "identity": the hop term is W_cache[n_b-1], which the caller has set to w_row), or w_row itself
+    ("transition": the authors' decode walk, which starts from the layer's own row); w_cache (B, G', n_b, n_b): the
+    layer's transition kept from prefill, extended as blocks open. Cost O(n_b^2) per step (a vector-matrix product).
     """
     if beta == 0.0:
         return w_row
     r = None if r_prev is None else _prev_for(r_prev, w_row.shape[1])
+    if r is None and start == "transition":
+        r = w_row
     for _ in range(steps):
         hop = w_cache[..., -1, :] if r is None else torch.matmul(r.unsqueeze(-2), w_cache).squeeze(-2)
         r = rownorm((1.0 - beta) * w_row + beta * hop)
     return r
+
+
+def running_transition_update(w_cache: torch.Tensor, w_row: torch.Tensor, block: int, tokens_in_block: int) -> None:
+    """The authors' decode transition (``decode_transition`` "running_mean"), updated in place for one new token.
+
+    w_cache (B, G', n_b, n_b): the transition kept from prefill (a new block's row and column start at 0);
+    w_row (B, G', n_b): this step's block distribution; ``block`` the current block, holding ``tokens_in_block``
+    tokens with the new one (alpha = 1 / tokens_in_block, so a new block takes the row as it is). With
+    u = (1 - alpha) u + alpha v written for a running mean: the current block's row is averaged with w_row and
+    renormalised; its column is averaged entry by entry with w_row (entry r of the column with w_row[r], as the
+    authors' code does); then every row is renormalised to sum 1.
+    """
+    alpha = 1.0 / tokens_in_block
+    row = w_cache[..., block, :]
+    row.mul_(1.0 - alpha).add_(w_row, alpha=alpha)
+    row.div_(row.sum(-1, keepdim=True).clamp_min(1e-12))
+    col = w_cache[..., :, block]
+    col.mul_(1.0 - alpha).add_(w_row, alpha=alpha)
+    w_cache.div_(w_cache.sum(-1, keepdim=True).clamp_min(1e-12))

@@ -18,12 +18,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_defaults_match_algorithm_md():
     c = SketchWalkConfig()
-    assert c.to_dict() == {
+    seed = {
         "block_size": 64, "sketch_dim": 64, "top_k_blocks": 16, "sparsity_exponent": 8.0, "skip_decode": False,
-        "key_summary": "minmax", "selector": "sketchwalk", "select_per": "layer", "dense_layers": 2, "n_sink": 1,
+        "key_summary": "minmax", "select_per": "layer", "dense_layers": 2, "n_sink": 1,
         "n_local": 1, "dense_last_blocks": 0, "walk_damping": 0.25, "walk_steps": 1, "decode_query_window": 1,
         "hadamard_seed": 0}
+    d = c.to_dict()
+    assert {k: d[k] for k in seed} == seed
+    assert d["selector"] == "sketchwalk" and d["preset"] == "none" and d["budget_mode"] == "fixed"
     assert c.budget == 18
+    # the seed preset is the defaults (every knob but selector and preset), so --preset seed changes nothing today
+    assert SketchWalkConfig.from_dict({"preset": "seed"}).replace(preset="none") == c
+
+
+def test_presets_apply_under_explicit_knobs():
+    from sketch_walk.config import PRESETS
+    a = SketchWalkConfig.from_dict({"preset": "authors"})
+    assert (a.budget_mode, a.budget_fraction, a.window_fraction, a.sink_fraction) == ("fraction", 0.125, 0.05, 0.025)
+    assert (a.walk_steps, a.dense_last_blocks, a.decode_query_window, a.sketch_dim) == (3, 4, 32, 128)
+    assert set(PRESETS["authors"]) == set(SketchWalkConfig.field_names()) - {"selector", "preset"}
+    # every knob it sets stays overridable; an explicit top_k_blocks means a fixed budget
+    b = SketchWalkConfig.from_dict({"preset": "authors", "walk_steps": 1, "top_k_blocks": 8})
+    assert (b.walk_steps, b.top_k_blocks, b.budget_mode, b.causal_scores) == (1, 8, "fixed", False)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    ns = p.parse_args(["--preset", "authors", "--causal_scores", "--budget_fraction", "0.25"])
+    c = SketchWalkConfig.from_namespace(ns, base=SketchWalkConfig(top_k_blocks=4))
+    assert (c.causal_scores, c.budget_fraction, c.budget_mode, c.preset) == (True, 0.25, "fraction", "authors")
+    with pytest.raises(UsageError, match="--preset"):
+        SketchWalkConfig.from_dict({"preset": "paper"})
 
 
 @pytest.mark.parametrize("knobs, flag, words", [
@@ -38,6 +61,15 @@ def test_defaults_match_algorithm_md():
     ({"walk_damping": 1.5}, "--walk_damping", "[0, 1]"),
     ({"walk_damping": -0.1}, "--walk_damping", "[0, 1]"),
     ({"key_summary": "max"}, "--key_summary", "minmax, mean"),
+    ({"budget_mode": "topp"}, "--budget_mode", "fixed, fraction, mass"),
+    ({"budget_fraction": 0.0}, "--budget_fraction", "(0, 1]"),
+    ({"budget_mass": 1.5}, "--budget_mass", "(0, 1]"),
+    ({"window_fraction": 1.0}, "--window_fraction", "[0, 1)"),
+    ({"sink_fraction": -0.1}, "--sink_fraction", "[0, 1)"),
+    ({"budget_min_blocks": 4, "budget_max_blocks": 2}, "--budget_max_blocks", ">= --budget_min_blocks 4"),
+    ({"key_sub_blocks": 3}, "--key_sub_blocks", "power of two"),
+    ({"causal_scores": 1}, "--causal_scores", "true or false"),
+    ({"decode_transition": "ema"}, "--decode_transition", "latest_row, running_mean"),
     ({"selector": "seer"}, "--selector", "sketchwalk, oracle, local"),
     ({"select_per": "head"}, "--select_per", "layer, kv_head"),
     ({"n_local": 0}, "--n_local", "diagonal"),
@@ -56,9 +88,14 @@ def test_bad_knobs_rejected_with_clear_message(knobs, flag, words):
 
 
 def test_inactive_knobs():
-    assert set(SketchWalkConfig().inactive_knobs()) == {"sketch_dim", "hadamard_seed"}
-    assert SketchWalkConfig(key_summary="mean").inactive_knobs() == []
-    assert SketchWalkConfig(key_summary="mean").inactive_knobs(head_dim=64) == ["hadamard_seed"]
+    budget_knobs = {"budget_fraction", "budget_mass", "budget_min_blocks", "budget_max_blocks", "sink_fraction"}
+    assert set(SketchWalkConfig().inactive_knobs()) == {"sketch_dim", "hadamard_seed", "score_scale",
+                                                        "decode_window_scoring"} | budget_knobs
+    assert set(SketchWalkConfig(key_summary="mean").inactive_knobs()) == {"key_sub_blocks",
+                                                                         "decode_window_scoring"} | budget_knobs
+    assert "hadamard_seed" in SketchWalkConfig(key_summary="mean").inactive_knobs(head_dim=64)
+    mass = set(SketchWalkConfig(budget_mode="mass").inactive_knobs())
+    assert "top_k_blocks" in mass and "budget_fraction" in mass and "budget_mass" not in mass
     assert "hadamard_seed" not in SketchWalkConfig(key_summary="mean", sketch_dim=16).inactive_knobs(head_dim=64)
     one_hop = SketchWalkConfig(walk_damping=0.0).inactive_knobs()
     assert "sparsity_exponent" in one_hop and "walk_steps" in one_hop

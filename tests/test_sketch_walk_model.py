@@ -270,7 +270,8 @@ def test_session_api_and_errors():
     sess = enable_sketch_walk(model, {"block_size": 16, "top_k_blocks": 2, "key_summary": "mean"})
     d = sess.describe()
     assert d["method"] == "sketch_walk" and d["top_k_blocks"] == 2 and d["attn_backend_resolved"] == "torch"
-    assert d["inactive_knobs"] == [] and d["skip_decode"] is False
+    assert "sketch_dim" not in d["inactive_knobs"] and "key_sub_blocks" in d["inactive_knobs"]
+    assert d["skip_decode"] is False
     with pytest.raises(UsageError, match="BlockSelector"):
         enable_sparse_attention(model, object())
     with pytest.raises(UsageError, match="unknown Sketch&Walk knob"):

@@ -129,12 +129,17 @@ class RunningBlockSummary:
     def capacity(self) -> int:
         return self.counts.shape[0]
 
-    def mean(self, block: Optional[int] = None) -> torch.Tensor:
+    def mean(self, block: Optional[int] = None, padded: bool = False) -> torch.Tensor:
         """Block means from the running sums, in the sums' dtype: every block (B, H_kv, n_b, d), or block
-        ``block`` alone (B, H_kv, d)."""
+        ``block`` alone (B, H_kv, d). ``padded``: divide by ``block_size`` instead of the block's token count (the
+        mean of a block zero-padded to full size, as the authors' code pools)."""
         if block is None:
             nb = self.n_blocks
+            if padded:
+                return self.sums[:, :, :nb] / self.block_size
             return self.sums[:, :, :nb] / self.counts[:nb].to(self.sums.dtype).unsqueeze(-1)
+        if padded:
+            return self.sums[:, :, block] / self.block_size
         return self.sums[:, :, block] / self.counts[block].to(self.sums.dtype)
 
     def ensure_capacity(self, need: int) -> None:
