@@ -76,7 +76,18 @@ VARIANTS = {
     "sketchwalk_mean_onehop": {"key_summary": "mean", "walk_damping": 0.0},
     "oracle": {"selector": "oracle"},
     "local": {"selector": "local"},
+    # decode scorers and budgets (docs/ALGORITHM.md "Budgets and decode scorers"); the budget is --top_k_blocks
+    # unless the variant sets another budget mode
+    "sub4": {"key_sub_blocks": 4},
+    "qwin32": {"decode_query_window": 32},
+    "qwin32_each": {"decode_query_window": 32, "decode_window_scoring": "each_query"},
+    "question": {"decode_keep_question": True},
+    "sub4_question": {"key_sub_blocks": 4, "decode_keep_question": True},
+    "fraction": {"budget_mode": "fraction"},
+    "mass": {"budget_mode": "mass", "budget_mass": 0.99, "sparsity_exponent": 1.0, "budget_max_blocks": 16},
+    "authors": {"preset": "authors", "dense_last_blocks": 0},
 }
+DEFAULT_VARIANTS = ["sketchwalk", "sketchwalk_onehop", "sketchwalk_mean", "sketchwalk_mean_onehop", "oracle", "local"]
 PROBES = ["pooled_minmax_onehop", "perquery_max_minmax", "perquery_exact_blockmax", "pooled_exact",
           "pooled_exact_blockmax"]
 
@@ -130,15 +141,31 @@ def last_block_probe_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, s
     }
 
 
-class ProbeSelector(BlockSelector):
-    """Runs several selectors side by side on each sparse layer and records their last-row picks."""
+def last_query_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """Exact attention mass per key block of the prompt's last token alone (the decode view): (n_b,) fp32."""
+    _, h, n, _ = q.shape
+    kk = k[0].float().repeat_interleave(h // k.shape[1], dim=0)         # (H, n, d)
+    p = torch.softmax(torch.einsum("hd,hnd->hn", q[0, :, -1].float(), kk) * scale, dim=-1).mean(0)
+    nb = (n + block_size - 1) // block_size
+    return torch.nn.functional.pad(p, (0, nb * block_size - n)).view(nb, block_size).sum(-1)
 
-    def __init__(self, configs: Dict[str, SketchWalkConfig], follow: str, probes: bool = True):
+
+class ProbeSelector(BlockSelector):
+    """Runs several selectors side by side on each sparse layer and records their last-row picks.
+
+    With ``decode`` every variant also runs as decode would see the prompt's last token: a second selector of the
+    same configuration prefills the first n - 1 tokens and takes token n as a decode step (its real decode path:
+    summaries, query window, transition, walk, budget); its list is recorded as ``decode_needle_kept`` /
+    ``decode_mass`` (the exact attention mass of that one query that the list keeps).
+    """
+
+    def __init__(self, configs: Dict[str, SketchWalkConfig], follow: str, probes: bool = True, decode: bool = False):
         # the oracle's last row is the top-k of last_block_mass (its definition): computed from it, in O(n), unless
         # the model follows the oracle (then every row is needed, O(n^2))
         self.oracle_from_mass = "oracle" in configs and follow != "oracle"
         self.selectors = {name: SketchWalkSelector(c) for name, c in configs.items()
                           if not (name == "oracle" and self.oracle_from_mass)}
+        self.decode_selectors = {name: SketchWalkSelector(c) for name, c in configs.items()} if decode else {}
         base = next(iter(configs.values()))
         self.base = base
         self.probes = probes
@@ -150,7 +177,7 @@ class ProbeSelector(BlockSelector):
         self.records: List[Dict] = []
 
     def reset(self, batch_size: int) -> None:
-        for s in self.selectors.values():
+        for s in list(self.selectors.values()) + list(self.decode_selectors.values()):
             s.reset(batch_size)
 
     def is_sparse_layer(self, layer_idx: int) -> bool:
@@ -172,6 +199,15 @@ class ProbeSelector(BlockSelector):
             kept = set(row)
             rec[name] = {"needle_kept": bool(needles) and needles <= kept,
                          "mass": round(float(mass[row].sum()), 4)}
+        if self.decode_selectors:
+            one = last_query_mass(query, key, bs, scale)
+            for name, sel in self.decode_selectors.items():
+                sel.select_prefill(layer_idx, module, query[:, :, : n - 1], key[:, :, : n - 1])
+                didx, dcnt = sel.select_decode(layer_idx, module, query[:, :, n - 1:], key)
+                row = didx[0, 0, : int(dcnt[0, 0])].tolist()
+                rec.setdefault(name, {}).update({"decode_needle_kept": bool(needles) and needles <= set(row),
+                                                 "decode_mass": round(float(one[row].sum()), 4),
+                                                 "decode_kept_blocks": len(row)})
         last_row_scores = {"oracle": mass} if self.oracle_from_mass else {}
         if self.probes:
             last_row_scores.update(last_block_probe_scores(query, key, bs, scale))
@@ -179,8 +215,8 @@ class ProbeSelector(BlockSelector):
         for name, sc in last_row_scores.items():                 # same budget, same tie rule as the selectors
             pidx, pcnt = select_blocks(sc.view(1, 1, 1, nb), last, c.n_sink, c.n_local, c.top_k_blocks)
             row = pidx[0, 0, 0, : int(pcnt[0, 0, 0])].tolist()
-            rec[name] = {"needle_kept": bool(needles) and needles <= set(row),
-                         "mass": round(float(mass[row].sum()), 4)}
+            rec.setdefault(name, {}).update({"needle_kept": bool(needles) and needles <= set(row),
+                                             "mass": round(float(mass[row].sum()), 4)})
             cand = torch.argsort(sc[c.n_sink: nb - c.n_local], descending=True).tolist()      # top-k candidates
             ranks = [cand.index(j - c.n_sink) + 1 for j in needles if c.n_sink <= j < nb - c.n_local]
             rec[name]["needle_rank"] = max(ranks) if ranks else 0      # worst needle block; 0 = sink / local
@@ -264,6 +300,20 @@ def summarise(samples: List[Dict], names: List[str]) -> Dict:
             "needle_kept_per_layer": {str(k): round(sum(v) / len(v), 3) for k, v in sorted(per_layer.items())},
             "needle_kept_every_layer_by_depth": {k: f"{sum(v)}/{len(v)}" for k, v in sorted(by_depth.items())},
         }
+        if any("decode_needle_kept" in r.get(name, {}) for s in samples for r in s["layers"]):
+            # the decode view: of the (sample, layer) pairs where the oracle's decode list keeps the needle, the
+            # share where this variant's does
+            dboth = [r[name]["decode_needle_kept"] for s in samples for r in s["layers"]
+                     if r.get("oracle", {}).get("decode_needle_kept")]
+            out[name].update({
+                "decode_needle_recall_vs_oracle": round(sum(dboth) / len(dboth), 3) if dboth else None,
+                "decode_needle_kept_every_layer": round(sum(all(r[name]["decode_needle_kept"] for r in s["layers"])
+                                                            for s in samples) / max(1, len(samples)), 3),
+                "decode_mean_mass": round(sum(r[name]["decode_mass"] for s in samples for r in s["layers"])
+                                          / max(1, sum(len(s["layers"]) for s in samples)), 4),
+                "decode_mean_kept_blocks": round(sum(r[name]["decode_kept_blocks"] for s in samples
+                                                     for r in s["layers"])
+                                                 / max(1, sum(len(s["layers"]) for s in samples)), 1)})
     match = [r["probe_matches_onehop"] for s in samples for r in s["layers"] if "probe_matches_onehop" in r]
     if match and "pooled_minmax_onehop" in out:
         out["pooled_minmax_onehop"]["same_kept_as_sketchwalk_onehop"] = round(sum(match) / len(match), 3)
@@ -278,7 +328,9 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="JSON file to write")
     p.add_argument("--num_samples", type=int, default=None, help="first N samples (default: all)")
     p.add_argument("--follow", default="dense", help="dense, or a variant whose lists the model runs on")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=False,
+                   help="also take the prompt's last token as a decode step of every variant (ProbeSelector)")
     p.add_argument("--probes", action=argparse.BooleanOptionalAction, default=True,
                    help="also score the last query block with the probes of the module docstring")
     p.add_argument("--top_k_blocks", type=int, default=16)
@@ -292,9 +344,14 @@ def main(argv=None) -> int:
     from eval.ruler.model_loader import load_model
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    configs = {v: SketchWalkConfig(top_k_blocks=args.top_k_blocks, dense_last_blocks=0, **VARIANTS[v])
+    # the budget: --top_k_blocks for the fixed-budget variants; a variant with its own budget mode keeps it
+    configs = {v: SketchWalkConfig.from_dict({"dense_last_blocks": 0, **VARIANTS[v]} if "budget_mode" in VARIANTS[v]
+                                             or "preset" in VARIANTS[v] else
+                                             {"top_k_blocks": args.top_k_blocks, "dense_last_blocks": 0, **VARIANTS[v]})
                for v in args.variants}
-    probe = ProbeSelector(configs, args.follow, args.probes)
+    if args.decode and "oracle" not in configs:
+        raise UsageError("--decode measures recall against the oracle: add oracle to --variants")
+    probe = ProbeSelector(configs, args.follow, args.probes, decode=args.decode)
     names = args.variants + (PROBES if args.probes else [])
     enable_sparse_attention(model, probe)
     if args.follow == "dense":
@@ -320,6 +377,7 @@ def main(argv=None) -> int:
                        for n in names), flush=True)
     result = {"data_file": args.data_file, "model": args.model, "follow": args.follow,
               "top_k_blocks": args.top_k_blocks, "variants": {v: VARIANTS[v] for v in args.variants},
+              "decode": args.decode,
               "device": str(device), "seconds": round(time.time() - t0, 1),
               "probes": PROBES if args.probes else [], "summary": summarise(samples, names), "samples": samples}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
