@@ -35,7 +35,9 @@ transition is accumulated per chunk of key heads), batched torch ops; the oracle
 Decode selection (sketchwalk, walk_steps 1) runs as 3 Triton launches on CUDA
 (:mod:`sketch_walk.kernels.decode_select`, backend "triton"); the torch code below is its reference.
 Prefill selection (sketchwalk) likewise runs as ~6 Triton launches (:mod:`sketch_walk.kernels.prefill_selection`)
-with the same state; oracle and local stay torch.
+with the same state; oracle and local stay torch. The kernels implement the seed's rules only
+(:meth:`SketchWalkSelector._kernels_cover`); the budgets, fractions and scorers of docs/ALGORITHM.md "Budgets" and
+"Decode scorers" (and so ``--preset authors``) run the torch code below on every device.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from sketch_walk.selector import SketchWalkSelector
 from sketch_walk.sketch import max_over_sub_blocks, scores_minmax
 from sketch_walk.core.block_summary import block_minmax
 
-from test_sketch_walk_model import greedy, rel_err, tiny_llama
+from test_sketch_walk_model import greedy, tiny_llama
 
 
 def _kept(idx, cnt):
