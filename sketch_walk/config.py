@@ -93,8 +93,8 @@ HELP = {
                    "whose estimated attention mass reaches budget_mass)",
     "budget_fraction": "budget_mode fraction: the kept share of each row's candidate blocks (0 < f <= 1)",
     "budget_mass": "budget_mode mass: estimated attention mass to reach per row (0 < p <= 1)",
-    "budget_min_blocks": "budget_mode mass: at least this many blocks besides the forced ones",
-    "budget_max_blocks": "budget_mode mass: at most this many blocks besides the forced ones (0 = no cap)",
+    "budget_min_blocks": "budget_mode fraction / mass: at least this many blocks besides the forced ones",
+    "budget_max_blocks": "budget_mode fraction / mass: at most this many blocks besides the forced ones (0 = no cap)",
     "window_fraction": "a token sink and a token window of max(1, int(f * n)) tokens each are kept, rounded out "
                        "to whole blocks (0 = off: n_sink / n_local only)",
     "sink_fraction": "fraction and mass budgets: the blocks of the first max(1, int(f * n)) tokens are left out "
@@ -237,9 +237,9 @@ class SketchWalkConfig:
             out["walk_start"] = "walk_damping 0 (one-hop): no walk"
             out["decode_walk"] = "walk_damping 0 (one-hop): no walk"
             out["decode_transition"] = "walk_damping 0 (one-hop): no transition kept for decode"
-        for knob, mode in (("top_k_blocks", "fixed"), ("budget_fraction", "fraction"), ("budget_mass", "mass"),
-                           ("budget_min_blocks", "mass"), ("budget_max_blocks", "mass")):
-            if self.budget_mode != mode:
+        for knob, modes in (("top_k_blocks", ("fixed",)), ("budget_fraction", ("fraction",)), ("budget_mass", ("mass",)),
+                            ("budget_min_blocks", ("fraction", "mass")), ("budget_max_blocks", ("fraction", "mass"))):
+            if self.budget_mode not in modes:
                 out[knob] = f"budget_mode {self.budget_mode}"
         if self.budget_mode == "fixed":
             out["sink_fraction"] = "budget_mode fixed: the candidates are every block not kept anyway"

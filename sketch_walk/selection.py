@@ -105,7 +105,8 @@ class RowRule:
     * ``fixed``: the ``top_k`` best candidates; a row with no more causal blocks than sink_keep + local_keep + top_k
       is dense;
     * ``fraction``: every causal block scoring above the (1 - ``fraction``) quantile of the candidates' scores
-      (torch.nanquantile's linear interpolation; no candidates: none);
+      (torch.nanquantile's linear interpolation; no candidates: none), and, when set, at least the ``min_blocks`` best
+      candidates and at most the ``max_blocks`` best;
     * ``mass``: the best candidates, fewest first, until the forced and chosen blocks hold ``mass`` of the row's
       estimated attention (scores clamped at 0 and normalised over the causal blocks), at least ``min_blocks`` and
       at most ``max_blocks`` (0: no cap) of them.
@@ -136,7 +137,8 @@ class RowRule:
             # above a linear-interpolated quantile of c candidates: at most ceil((c - 1) f) + 1 of them, plus the
             # causal blocks that are neither forced nor candidates (skip ranges wider than the kept ones)
             gaps = max(0, self.sink_skip - self.sink_keep) + max(0, self.local_skip - self.local_keep)
-            most = forced + gaps + math.ceil((n_b - 1) * self.fraction) + 1
+            above = math.ceil((n_b - 1) * self.fraction) + 1
+            most = forced + gaps + max(min(above, self.max_blocks or above), self.min_blocks)
         else:
             most = forced + (self.max_blocks or n_b)
         return max_kept_for(n_b, most, dense_last)
@@ -188,14 +190,21 @@ def select_by_rule(scores: torch.Tensor, row_ids: torch.Tensor, rule: RowRule, d
     forced = causal & ((j < rule.sink_keep) | (j > i - rule.local_keep))
     cand = causal & (j >= rule.sink_skip) & (j <= i - rule.local_skip)
     s = scores.float()
+    keys = torch.where(cand & ~forced, _score_keys(s), torch.full((), -1, dtype=torch.int64, device=dev))
+    order = keys.sort(dim=-1, descending=True)                              # candidates best first, then the rest
+    valid = order.values >= 0
     if rule.mode == "fraction":
         pool = s.masked_fill(~cand, float("nan"))
         th = torch.nanquantile(pool, 1.0 - rule.fraction, dim=-1, keepdim=True)   # NaN (no candidates): keeps none
         chosen = causal & (s > th)
+        if rule.min_blocks or rule.max_blocks:                               # a floor / cap on the candidates
+            rank = torch.empty_like(order.indices).scatter_(-1, order.indices, torch.arange(n_b, device=dev)
+                                                            .expand_as(order.indices))
+            ranked = cand & ~forced
+            if rule.max_blocks:
+                chosen = chosen & ~(ranked & (rank >= rule.max_blocks))
+            chosen = chosen | (ranked & (rank < rule.min_blocks))
     else:
-        keys = torch.where(cand & ~forced, _score_keys(s), torch.full((), -1, dtype=torch.int64, device=dev))
-        order = keys.sort(dim=-1, descending=True)
-        valid = order.values >= 0
         if rule.mode == "fixed":
             take = torch.full(s.shape[:-1], rule.top_k, dtype=torch.int64, device=dev)
         else:

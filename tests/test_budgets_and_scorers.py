@@ -22,6 +22,7 @@ def _kept(idx, cnt):
 @pytest.mark.parametrize("rule", [
     RowRule("fraction", sink_keep=2, local_keep=3, sink_skip=1, local_skip=2, fraction=0.2),
     RowRule("fraction", sink_keep=1, local_keep=1, sink_skip=3, local_skip=1, fraction=0.5),
+    RowRule("fraction", sink_keep=1, local_keep=2, sink_skip=1, local_skip=2, fraction=0.25, min_blocks=3, max_blocks=6),
     RowRule("mass", sink_keep=1, local_keep=2, sink_skip=1, local_skip=2, mass=0.7, min_blocks=1, max_blocks=5),
     RowRule("mass", sink_keep=1, local_keep=1, sink_skip=1, local_skip=1, mass=0.9),
     RowRule("fixed", sink_keep=2, local_keep=3, sink_skip=1, local_skip=2, top_k=4),
@@ -49,7 +50,11 @@ def test_rules_on_random_scores(rule):
                 want = set(forced)
                 if cand:
                     th = torch.quantile(s[cand].double(), 1 - rule.fraction)
-                    want |= {j for j in causal if float(s[j]) > float(th)}
+                    above = {j for j in causal if float(s[j]) > float(th)}
+                    ranked = sorted((j for j in cand if j not in forced), key=lambda j: (-float(s[j]), -j))
+                    if rule.max_blocks:
+                        above -= set(ranked[rule.max_blocks:])
+                    want |= above | set(ranked[: rule.min_blocks])
                 assert row_set == want
             elif rule.mode == "mass":
                 est = s[: i + 1].double() / s[: i + 1].double().sum()
