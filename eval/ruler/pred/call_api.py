@@ -31,6 +31,16 @@ wrapper. Differences from NVIDIA/RULER, all deliberate:
   cuda:LOCAL_RANK (CPU and gloo when there is no GPU).
 * Flags of another server type are ignored with a one-line warning; --threads is accepted and
   ignored (RULER also forces 1 thread for hf).
+* One writer per prediction file: an advisory lock (flock on .{file}.lock beside it, taken before
+  anything is written; the kernel drops it when the process dies, so a killed run still resumes).
+  A second process on the same file stops with one line naming the file and the holder's PID.
+* Checked before the model loads: an empty data file, a --save_dir that cannot be written, and
+  prompts that with max_new_tokens pass the model's positions (max_position_embeddings): an error
+  naming the limit, unless --truncate_to_positions, which cuts such a prompt's middle (recorded in
+  the manifest's key and each record's others.truncated_tokens). RULER sizes prompts when it
+  prepares them and has no such cut; the middle cut is LongBench's.
+* The manifest's ``data`` gives the data file and, from prepare.py's record beside it
+  ({subset}.prepare.json), the max_seq_length it was made for (compare_results.py reports it).
 """
 from __future__ import annotations
 
@@ -51,7 +61,8 @@ from typing import Any, Dict, List, Optional
 from eval.ruler.cli import OneLineParser, UsageError, cli_main, warn
 from eval.ruler.model_loader import sha256_file
 from eval.ruler.pred import registry
-from eval.ruler.pred.prediction_files import input_sha, prompt_of, write_json_atomic
+from eval.ruler.pred.prediction_files import (lock_for_writing, prompt_of, read_data_settings, sample_key,
+                                              write_json_atomic)
 from eval.ruler.pred.servers import Server
 
 RULER_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an untimed generation of the first prompt before timing: its whole max_new_tokens on a GPU, 2 tokens on the CPU (default on)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start this prediction file afresh even if it exists with another manifest")
+    parser.add_argument("--truncate_to_positions", action="store_true",
+                        help="cut the middle of a prompt that, with max_new_tokens, would pass the model's positions "
+                             "(recorded in the manifest); without it such a prompt is an error before the model loads")
     registry.add_server_flags(parser)          # each method's own flags, in its own group
     return parser
 
@@ -154,6 +168,8 @@ def load_samples(task_file: Path) -> List[Dict[str, Any]]:
                 raise UsageError(f"{task_file}:{lineno} has no 'input' and 'outputs' fields")
             sample.setdefault("index", lineno - 1)
             samples.append(sample)
+    if not samples:
+        raise UsageError(f"data file {task_file} holds no samples; generate it again (eval/ruler/data/prepare.py)")
     return samples
 
 
@@ -266,7 +282,7 @@ def read_done(pred_file: Path, repair: bool) -> collections.Counter:
             continue
         try:
             rec = json.loads(line)
-            done[(rec["index"], input_sha(rec["input"]))] += 1
+            done[sample_key(rec["index"], rec["input"])] += 1
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UsageError(f"{pred_file}:{lineno} is not a prediction record; remove it or pass --overwrite") from None
     return done
@@ -303,6 +319,7 @@ class Plan:
     device: str
     dtype_name: str
     manifest_key: Dict[str, Any]
+    data: Dict[str, Any] = dataclasses.field(default_factory=dict)   # the manifest's "data": file, prepare settings
     rank: int = 0
     world_size: int = 1
 
@@ -358,7 +375,7 @@ def plan_run(args: argparse.Namespace, limit: Optional[int] = None, base_model: 
 
     task = task_config(args.benchmark, args.task)
     task_file = Path(args.data_dir) / args.task / f"{args.subset}.jsonl"
-    samples = load_samples(task_file)
+    samples = all_samples = load_samples(task_file)
     if limit is not None:
         samples = samples[:limit]
     start, stop = chunk_bounds(len(samples), chunk_idx, chunk_amount)
@@ -403,10 +420,15 @@ def plan_run(args: argparse.Namespace, limit: Optional[int] = None, base_model: 
         "attn_backend": (args.attn_backend or "auto") if server.sparse else None,
         "knobs": server.knobs_dict(knobs),
     }
+    if args.truncate_to_positions:       # only when asked: manifests of runs without it stay as they were
+        key["truncate_to_positions"] = True
+    prepared = read_data_settings(task_file) or {}
+    data = {"file": str(task_file.resolve()), "samples_in_file": len(all_samples),
+            "max_seq_length": prepared.get("max_seq_length"), "prepared": prepared or None}
     return Plan(args=args, server=server, task=task, task_file=task_file,
                 pred_file=save_dir / f"{stem}.jsonl", manifest_file=save_dir / f"manifest-{stem}.json",
                 samples=samples, model=model, knobs=knobs, max_new_tokens=max_new_tokens,
-                device=device, dtype_name=dtype_name, manifest_key=key, rank=rank, world_size=world)
+                device=device, dtype_name=dtype_name, manifest_key=key, data=data, rank=rank, world_size=world)
 
 
 def check_manifest(plan: Plan) -> None:
@@ -438,8 +460,55 @@ def make_llm(plan: Plan):
                                     random_seed=args.random_seed, dtype=args.dtype, device=plan.device)
 
 
+def check_positions(plan: Plan, pending: List[Dict[str, Any]], llm=None) -> Optional[int]:
+    """Refuse, before the model runs, prompts that with max_new_tokens pass the model's positions (their answers
+    are not meaningful, dense and sparse alike); with --truncate_to_positions return how many prompt tokens a
+    prompt may keep instead (its middle is cut). The tokenizer and config come from ``llm`` when given, else
+    they are loaded without the weights."""
+    from eval.ruler.model_loader import config_positions, load_tokenizer, max_positions
+
+    if llm is not None:
+        tokenizer, limit = llm.tokenizer, config_positions(llm.model.config)
+    else:
+        tokenizer, limit = load_tokenizer(plan.model["model"]), max_positions(plan.model["model"])
+    if limit is None:
+        return None
+    room = limit - plan.max_new_tokens
+    if plan.args.truncate_to_positions:
+        if room < 1:
+            raise UsageError(f"--max_new_tokens {plan.max_new_tokens} leaves no room for a prompt in "
+                             f"{plan.model['model']}'s {limit} positions; lower it")
+        return room
+    over = []
+    for sample in pending:
+        tokens = len(tokenizer(prompt_of(sample), add_special_tokens=False)["input_ids"])
+        if tokens > room:
+            over.append((sample["index"], tokens))
+    if over:
+        index, tokens = over[0]
+        raise UsageError(
+            f"{plan.task_file}: {len(over)} of {len(pending)} prompts pass {plan.model['model']}'s {limit} positions "
+            f"(index {index}: {tokens} prompt tokens + {plan.max_new_tokens} to generate); prepare the data with "
+            f"--max_seq_length {limit} or less, lower --max_new_tokens, or pass --truncate_to_positions to cut the "
+            f"middle of such prompts")
+    return None
+
+
 def execute(plan: Plan, llm=None) -> Path:
-    """Predict the plan's pending samples into its prediction file; returns that file."""
+    """Predict the plan's pending samples into its prediction file; returns that file.
+
+    The file's lock is taken first (one writer; an unwritable --save_dir is reported here), then everything
+    that can be checked without the weights (the manifest, the samples left, their lengths), then the model
+    loads and records are appended.
+    """
+    lock = lock_for_writing(plan.pred_file)
+    try:
+        return _execute_locked(plan, llm)
+    finally:
+        lock.close()
+
+
+def _execute_locked(plan: Plan, llm) -> Path:
     from tqdm import tqdm
 
     args = plan.args
@@ -447,30 +516,35 @@ def execute(plan: Plan, llm=None) -> Path:
     done = read_done(plan.pred_file, repair=False) if not args.overwrite else collections.Counter()
     pending = []
     for sample in plan.samples:
-        key = (sample["index"], input_sha(prompt_of(sample)))
+        key = sample_key(sample["index"], prompt_of(sample))
         if done[key] > 0:
             done[key] -= 1
         else:
             pending.append(sample)
+    if not plan.samples:
+        print(f"chunk {plan.manifest_key['chunk_idx']} of {plan.manifest_key['chunk_amount']} holds no sample of "
+              f"{plan.task_file}; nothing to predict", file=sys.stderr)
+        return plan.pred_file
     if not pending and plan.manifest_file.exists() and not args.overwrite:
         read_done(plan.pred_file, repair=True)
         print(f"all {len(plan.samples)} samples already predicted", file=sys.stderr)
         return plan.pred_file
+    keep_tokens = check_positions(plan, pending, llm)
 
     if llm is None:
         llm = make_llm(plan)
     else:
         llm.max_new_tokens = plan.max_new_tokens
+    llm.max_prompt_tokens = keep_tokens
     if plan.server.sparse and args.batch_size > 1:
         warn(f"--server_type {plan.server_type} runs one prompt at a time (per-sample state and density); "
              f"--batch_size {args.batch_size} only groups them")
 
     # Model loaded: from here on files are written.
-    plan.pred_file.parent.mkdir(parents=True, exist_ok=True)
     if args.overwrite and plan.pred_file.exists():
         plan.pred_file.unlink()
     manifest = {"key": plan.manifest_key, "session": llm.describe(), "versions": versions(),
-                "inactive_knobs": plan.server.inactive_knobs(plan.knobs),
+                "inactive_knobs": plan.server.inactive_knobs(plan.knobs), "data": plan.data,
                 "created": datetime.datetime.now().isoformat(timespec="seconds"),
                 "command": " ".join(shlex.quote(a) for a in sys.argv)}
     if args.overwrite or not plan.manifest_file.exists():

@@ -28,7 +28,7 @@ import sys
 from eval.ruler.cli import OneLineParser, UsageError, cli_main
 from eval.ruler.eval import evaluate
 from eval.ruler.pred import call_api, registry
-from eval.ruler.pred.prediction_files import input_sha, prompt_of, write_json_atomic
+from eval.ruler.pred.prediction_files import prompt_of, sample_key, write_json_atomic
 
 SERVER = registry.get("SketchWalk")
 
@@ -128,13 +128,13 @@ def main(argv=None) -> None:
     # The records of this run's samples (the file may hold more from an earlier, larger run).
     wanted = {}
     for s in plan.samples:
-        key = (s["index"], input_sha(prompt_of(s)))
+        key = sample_key(s["index"], prompt_of(s))
         wanted[key] = wanted.get(key, 0) + 1
     records = []
     with open(plan.pred_file, encoding="utf-8") as fh:
         for line in fh:
             rec = json.loads(line)
-            key = (rec["index"], input_sha(rec["input"]))
+            key = sample_key(rec["index"], rec["input"])
             if wanted.get(key, 0) > 0:
                 wanted[key] -= 1
                 records.append(rec)

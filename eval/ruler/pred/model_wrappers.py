@@ -98,6 +98,8 @@ class HuggingFaceModel:
         # transformers >= 5.x names the cache argument ``cache``; older releases ``past_key_values``.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.session = None
+        # call_api.py --truncate_to_positions: prompts longer than this lose their middle (None: never cut)
+        self.max_prompt_tokens: Optional[int] = None
 
     # ------------------------------------------------------------------ helpers
     def _stop_token_ids(self) -> set:
@@ -158,6 +160,10 @@ class HuggingFaceModel:
         for p, ids in zip(prompts, encoded):
             if not ids:
                 raise UsageError("an empty prompt cannot be generated from")
+        cut = [0] * len(encoded)
+        if self.max_prompt_tokens is not None:
+            for i, ids in enumerate(encoded):
+                encoded[i], cut[i] = cut_middle(ids, self.max_prompt_tokens)
         bsz, longest = len(encoded), max(len(e) for e in encoded)
         input_ids = torch.full((bsz, longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((bsz, longest), dtype=torch.long)
@@ -222,6 +228,7 @@ class HuggingFaceModel:
                     "prefill_s": round(t1 - t0, 6),
                     "decode_s": round(max(done_at[i] - t1, 0.0), 6),
                     "prompt_tokens": len(encoded[i]),
+                    **({"truncated_tokens": cut[i]} if self.max_prompt_tokens is not None else {}),
                     # tokens produced, an end-of-sequence token included
                     "new_tokens": len(generated[i]) + (1 if reason[i] == "eos" else 0),
                     "stop_reason": reason[i],
@@ -279,6 +286,15 @@ class HuggingFaceModel:
     def describe(self) -> Dict[str, Any]:
         """The session's knobs (empty for dense), for the run manifest."""
         return dict(self.session.describe()) if self.session is not None else {}
+
+
+def cut_middle(ids: List[int], keep: int):
+    """(ids, 0) when they fit ``keep`` tokens, else (their first keep // 2 and last keep - keep // 2 tokens, the
+    number dropped): a long prompt keeps its instructions and its question, as LongBench truncates."""
+    if len(ids) <= keep:
+        return ids, 0
+    head = keep // 2
+    return ids[:head] + ids[len(ids) - (keep - head):], len(ids) - keep
 
 
 def _round(x, nd=6):
