@@ -151,6 +151,20 @@ def test_record_contents(prepared, length):
     assert len(read(out / "vt" / "validation.jsonl")[0]["outputs"]) == 5
     assert len(read(out / "cwe" / "validation.jsonl")[0]["outputs"]) == 10
     assert len(read(out / "fwe" / "validation.jsonl")[0]["outputs"]) == 3
+    # beside each data file, how it was made (call_api.py's manifest and the comparison report read it)
+    made = json.loads((out / "cwe" / "validation.prepare.json").read_text())
+    assert made["max_seq_length"] == length and made["tokenizer"] == "smollm2" and made["task_args"]["num_cw"] == 10
+    assert made["sha256"] == hashlib.sha256((out / "cwe" / "validation.jsonl").read_bytes()).hexdigest()
+
+
+def test_length_past_the_models_positions_is_refused(tmp_path):
+    proc = run(PREPARE, "--task", "niah_single_1", "--save_dir", tmp_path / "out", "--max_seq_length", 9000)
+    assert proc.returncode == 2
+    assert error_lines(proc) == ["error: --max_seq_length 9000 is past the 8192 positions of smollm2 "
+                                 "(max_position_embeddings in its config): its answers past them are not meaningful; "
+                                 "use --max_seq_length 8192 or less, or pass --ignore_position_limit if the model "
+                                 "is meant to run past them"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_punkt_fallback_warns_once(prepared):

@@ -26,6 +26,12 @@ Unlike RULER's prepare.py, which runs each generator script in a shell, the gene
 this process (the tokenizer loads once) and a failing task is reported, not swallowed: a task
 whose data file is missing, or whose prompt cannot fit --max_seq_length, prints one
 ``error: {task}: ...`` line and writes nothing; the other tasks still run, and the exit status is 2.
+Beside each data file, ``{subset}.prepare.json`` records how it was made (max_seq_length,
+tokens_to_generate, tokenizer, template, seed, task arguments, the file's sha256): call_api.py's
+manifest and the comparison report give the length from it. A --max_seq_length past the
+positions of the tokenizer's model (max_position_embeddings; SmolLM2 8,192) is refused before
+anything is generated, unless --ignore_position_limit (then a warning).
+
 Files are replaced atomically and always regenerated (as SeerAttention's fork does; NVIDIA's
 skips a file that already has --num_samples lines, whatever length it was made for).
 """
@@ -41,6 +47,7 @@ import time
 import yaml
 
 from eval.ruler.cli import OneLineParser, UsageError, cli_main, int_at_least
+from eval.ruler.data.synthetic.common import add_position_limit_flag, check_position_limit
 from eval.ruler.data.template import TEMPLATE_TYPES, select_template
 from eval.ruler.data.tokenizer import TOKENIZER_TYPES, select_tokenizer
 
@@ -76,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--essay_file", type=str, default=None, help="essay haystack (PaulGrahamEssays.json format)")
     p.add_argument("--qa_file", type=str, action="append", default=[],
                    help="QA data: PATH, or squad=PATH / hotpotqa=PATH; repeatable")
+    add_position_limit_flag(p)
     return p
 
 
@@ -155,6 +163,7 @@ def main(argv=None) -> int:
         plans.append((task, kind, module, task_args))
 
     tokenizer = select_tokenizer(args.tokenizer_type, args.tokenizer_path)
+    check_position_limit(args.tokenizer_type, tokenizer, args.max_seq_length, args.ignore_position_limit)
     model_template = select_template(args.model_template_type, tokenizer)
     print(f"tokenizer {tokenizer.name} ({args.tokenizer_type}), model template {model_template.template_type}, "
           f"max_seq_length {args.max_seq_length}, {num_samples} samples"
@@ -177,7 +186,8 @@ def main(argv=None) -> int:
             failed.append(task)
             continue
         save_file = os.path.join(args.save_dir, task, f"{args.subset}.jsonl")
-        common.write_manifest(save_file, records)
+        common.save_task_file(save_file, records, settings, tokenizer_type=args.tokenizer_type,
+                              benchmark=args.benchmark, task_args=task_args)
         print(f"Prepare {task} with lines: {len(records)} to {save_file} ({time.time() - task_started:.1f} s)",
               flush=True)
 

@@ -133,6 +133,14 @@ class Settings:
         """Tokens of ``input + answer_prefix``, tokenized as one text with no special tokens added."""
         return len(self.tokenizer.text_to_tokens(prompt.input + prompt.answer_prefix))
 
+    def sample_numbers(self, num_samples: int):
+        """``range(num_samples)`` with a progress bar on a terminal (stderr): one task of hundreds of long
+        samples takes minutes."""
+        from tqdm import tqdm
+
+        return tqdm(range(num_samples), desc=f"prepare {self.task}", unit="sample", file=sys.stderr,
+                    leave=False, disable=None, mininterval=2.0)
+
     def rng(self):
         import random
 
@@ -241,6 +249,41 @@ def make_record(index: int, prompt: Prompt, outputs: List[str], length: int,
         "token_position_answer": token_position_answer,
         "depth": depth,
     }
+
+
+def save_task_file(save_file: str, records: List[dict], settings: Settings, **made_with) -> None:
+    """Write a task's data file (atomically) and, beside it, how it was made (``{subset}.prepare.json``:
+    max_seq_length, tokens_to_generate, tokenizer, template, seed, sample count and the data file's sha256),
+    so that call_api.py's manifest and the comparison report can give the length a run was prepared for."""
+    from eval.ruler.model_loader import sha256_file
+    from eval.ruler.pred.prediction_files import data_settings_path, write_json_atomic
+
+    write_manifest(save_file, records)
+    write_json_atomic(data_settings_path(save_file), {
+        "task": settings.task, "max_seq_length": settings.max_seq_length,
+        "tokens_to_generate": settings.tokens_to_generate, "tokenizer": getattr(settings.tokenizer, "name", None),
+        "model_template_type": settings.model_template.template_type, "random_seed": settings.random_seed,
+        "samples": len(records), **made_with, "sha256": sha256_file(save_file)})
+
+
+def check_position_limit(tokenizer_type: str, tokenizer, max_seq_length: int, ignore: bool) -> None:
+    """Refuse a --max_seq_length past the positions of the tokenizer's model (prompts that long give wrong
+    answers, dense and sparse alike), or only warn when ``ignore`` (--ignore_position_limit) says the user
+    knows. Only ``hf`` tokenizers name a model whose config can be read."""
+    if tokenizer_type != "hf":
+        return
+    from eval.ruler.model_loader import max_positions
+
+    limit = max_positions(tokenizer.name)
+    if limit is None or max_seq_length <= limit:
+        return
+    what = (f"--max_seq_length {max_seq_length} is past the {limit} positions of {tokenizer.name} "
+            f"(max_position_embeddings in its config)")
+    if ignore:
+        print(f"warning: {what}; going on as --ignore_position_limit asks", file=sys.stderr, flush=True)
+        return
+    raise UsageError(f"{what}: its answers past them are not meaningful; use --max_seq_length {limit} or less, "
+                     f"or pass --ignore_position_limit if the model is meant to run past them")
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,6 +425,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remove_newline_tab", action="store_true", help="remove `\\n` and `\\t` in all strings.")
     parser.add_argument("--model_template_token", type=non_negative_int, default=0,
                         help="accepted for RULER compatibility (NeMo-Skills mode); must be 0 here")
+    add_position_limit_flag(parser)
+
+
+def add_position_limit_flag(parser: argparse.ArgumentParser) -> None:
+    """--ignore_position_limit, for every script that prepares data (see :func:`check_position_limit`)."""
+    parser.add_argument("--ignore_position_limit", action="store_true",
+                        help="prepare a --max_seq_length past the model's positions (a warning instead of an error)")
 
 
 def split_full_template(template: str, kind: str) -> Tuple[str, str]:
@@ -409,6 +459,7 @@ def run_generator_cli(kind: str, generate: Callable, add_task_arguments: Callabl
                          "leave it at 0")
     started = time.time()
     tokenizer = select_tokenizer(args.tokenizer_type, args.tokenizer_path)
+    check_position_limit(args.tokenizer_type, tokenizer, args.max_seq_length, args.ignore_position_limit)
     task_template = answer_prefix = None
     if args.template:
         # RULER's prepare.py passes the full template; the model template is already inside it.
@@ -427,6 +478,6 @@ def run_generator_cli(kind: str, generate: Callable, add_task_arguments: Callabl
     task_args = {name: getattr(args, name) for name in task_argument_names}
     records = generate(settings, args.num_samples, pre_samples=args.pre_samples, **task_args)
     save_file = os.path.join(args.save_dir, args.save_name, f"{args.subset}.jsonl")
-    write_manifest(save_file, records)
+    save_task_file(save_file, records, settings, tokenizer_type=args.tokenizer_type)
     print(f"Prepare {args.save_name} with lines: {len(records)} to {save_file} "
           f"({time.time() - started:.1f} s)")

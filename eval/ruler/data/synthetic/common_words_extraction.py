@@ -91,7 +91,7 @@ def generate(settings: Settings, num_samples: int, pre_samples: int = 0, *, freq
     # RULER estimates tokens per word from a 4096-word list and searches up to twice the estimate
     num_words = search_size(settings, build, incremental, estimate_size=4096, slack=2.0, minimum=num_cw)
     records = []
-    for i in range(num_samples):
+    for i in settings.sample_numbers(num_samples):
         length, prompt, answer = fit_sample(settings, build, num_words, incremental, minimum=num_cw)
         records.append(make_record(pre_samples + i, prompt, answer, length))
     return records

@@ -91,7 +91,7 @@ def generate(settings: Settings, num_samples: int, pre_samples: int = 0, *, alph
 
     _, _, num_example_words = fit(max_len // coded_wordlen, grow=True)
     records = []
-    for i in range(num_samples):
+    for i in settings.sample_numbers(num_samples):
         prompt, answer, _ = fit(num_example_words, grow=False)
         length = settings.count(prompt) + settings.tokens_to_generate
         records.append(make_record(pre_samples + i, prompt, answer, length))

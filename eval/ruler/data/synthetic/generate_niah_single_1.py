@@ -31,7 +31,9 @@ from eval.ruler.data.synthetic.common import (
     positive_int,
     select_template,
     select_tokenizer,
-    write_manifest,
+    add_position_limit_flag,
+    check_position_limit,
+    save_task_file,
 )
 
 TASK = "niah_single_1"
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_template_type", type=str, default=None, choices=TEMPLATE_TYPES,
                    help="default: chat when the tokenizer has a chat template, else base")
     p.add_argument("--random_seed", type=int, default=42)
+    add_position_limit_flag(p)
     return p
 
 
@@ -72,13 +75,14 @@ def main(argv=None) -> None:
     started = time.time()
     task_args = task_arguments()
     tokenizer = select_tokenizer(args.tokenizer_type, args.tokenizer_path)
+    check_position_limit(args.tokenizer_type, tokenizer, args.max_seq_length, args.ignore_position_limit)
     settings = Settings(task=TASK, tokenizer=tokenizer,
                         model_template=select_template(args.model_template_type, tokenizer),
                         max_seq_length=args.max_seq_length, tokens_to_generate=args.tokens_to_generate,
                         random_seed=args.random_seed)
     records = niah.generate(settings, args.num_samples, depth_cycle=DEPTH_CYCLE, **task_args)
     save_file = os.path.join(args.save_dir, TASK, "validation.jsonl")
-    write_manifest(save_file, records)
+    save_task_file(save_file, records, settings, tokenizer_type=args.tokenizer_type)
     print(f"Prepare {TASK} with lines: {len(records)} to {save_file} (depths "
           f"{', '.join(str(r['depth']) for r in records)}%; model template {settings.model_template.template_type}; "
           f"{time.time() - started:.1f} s)")

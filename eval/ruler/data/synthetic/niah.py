@@ -154,7 +154,7 @@ def generate(settings: Settings, num_samples: int, pre_samples: int = 0, *, num_
     num_haystack = search_size(settings, build, incremental, minimum=minimum)
 
     records = []
-    for i in range(num_samples):
+    for i in settings.sample_numbers(num_samples):
         index = pre_samples + i
         depth = depth_cycle[index % len(depth_cycle)] if depth_cycle else None
         length, prompt, answers, needle_depth = fit_sample(

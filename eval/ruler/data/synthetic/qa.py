@@ -121,7 +121,7 @@ def generate(settings: Settings, num_samples: int, pre_samples: int = 0, *, data
     incremental = 10
     num_docs = search_size(settings, lambda n: build_for(0, n), incremental)  # RULER sizes on question 0
     records = []
-    for i in range(num_samples):
+    for i in settings.sample_numbers(num_samples):
         index = pre_samples + i
         length, prompt, answer = fit_sample(settings, lambda n: build_for(index, n), num_docs, incremental)
         records.append(make_record(index, prompt, answer, length))

@@ -139,7 +139,7 @@ def generate(settings: Settings, num_samples: int, pre_samples: int = 0, *, type
     minimum = 1 if type_haystack == "essay" else num_hops + 1
     num_noises = search_size(settings, build, incremental, minimum=minimum)
     records = []
-    for i in range(num_samples):
+    for i in settings.sample_numbers(num_samples):
         length, prompt, answer = fit_sample(settings, build, num_noises, incremental, minimum=minimum)
         records.append(make_record(pre_samples + i, prompt, answer, length))
     return records
