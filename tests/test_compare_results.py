@@ -184,11 +184,21 @@ def test_per_length_layout_chunks_and_filters(tmp_path):
 
 
 def test_repeated_sample_is_matched_by_count(tmp_path):
+    """RULER run.sh's layout ({length}/pred beside {length}/data): a sample the data file holds twice may be
+    predicted twice; predicted more often than the data holds it (two writers), it is refused."""
     same = dict(prompt="identical prompt")
-    write(tmp_path / "a" / "niah_single_1.jsonl", [rec(0, "1", ["1"], **same), rec(0, "1", ["1"], **same)])
-    write(tmp_path / "b" / "niah_single_1.jsonl", [rec(0, "1", ["1"], **same)])
+    for run in ("a", "b"):
+        write(tmp_path / run / "1024" / "data" / "niah_single_1" / "validation.jsonl",
+              [{"index": 0, "input": "identical prompt", "outputs": ["1"], "answer_prefix": ""}] * 2)
+    write(tmp_path / "a" / "1024" / "pred" / "niah_single_1.jsonl", [rec(0, "1", ["1"], **same)] * 2)
+    write(tmp_path / "b" / "1024" / "pred" / "niah_single_1.jsonl", [rec(0, "1", ["1"], **same)])
+    runs = {"dense": str(tmp_path / "a"), "hf": str(tmp_path / "b")}
     with pytest.raises(cr.UsageError, match=r"copy 2"):
-        cr.run_comparison({"dense": str(tmp_path / "a"), "hf": str(tmp_path / "b")}, tmp_path / "o", plots=False)
+        cr.run_comparison(runs, tmp_path / "o", plots=False)
+    write(tmp_path / "b" / "1024" / "pred" / "niah_single_1.jsonl", [rec(0, "1", ["1"], **same)] * 3)
+    with pytest.raises(cr.UsageError, match=r"niah_single_1.jsonl holds sample index 0 .* 3 times, its data file "
+                                            r".*validation.jsonl 2 time"):
+        cr.run_comparison(runs, tmp_path / "o", plots=False)
 
 
 # ------------------------------------------------------------------------------ mismatches
@@ -297,6 +307,14 @@ def test_seed_command_as_written(tmp_path):
     sparse_run(tmp_path / "results" / "seerattn", correct=(1, 0, 1, 0, 1), method="seer_attn",
                dens=(0.25, 0.25, 0.25, 0.25, 0.25))
     sparse_run(tmp_path / "results" / "sketchwalk")
+    # call_api.py's manifests: the data's max_seq_length (prepare.py's record) and, for SeerAttn, a threshold left
+    # to the gates checkpoint (None in the key, the value used in the session)
+    for run, server, knobs, session in (("seerattn", "SeerAttn", {"threshold": None, "nz_ratio": None},
+                                         {"threshold": 0.0005, "nz_ratio": None}),
+                                        ("sketchwalk", "SketchWalk", {"top_k_blocks": 16}, {"top_k_blocks": 16})):
+        key = {"server_type": server, "model": "smollm2", "dtype": "float32", "device_type": "cpu", "knobs": knobs}
+        (tmp_path / "results" / run / "manifest-niah_single_1.json").write_text(json.dumps(
+            {"key": key, "session": session, "data": {"max_seq_length": 4096}}))
     cmd = [sys.executable, str(SCRIPT), "--seerattn_dir", "./results/seerattn",
            "--sketchwalk_dir", "./results/sketchwalk", "--output_dir", "./results/comparison"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -308,6 +326,9 @@ def test_seed_command_as_written(tmp_path):
     assert vs["speedup_total"] == pytest.approx(1.0) and vs["diff_acc_all"] == pytest.approx(0.0)
     assert vs["lost"] == 1 and vs["gained"] == 1
     assert (out / "comparison_report.md").is_file() and (out / "accuracy_vs_density_niah_single_1.png").is_file()
+    report = (out / "comparison_report.md").read_text()
+    assert data["cells"][0]["length"] == "4096" and "### niah_single_1 @ 4096" in report
+    assert "threshold=0.0005" in report and "None" not in report
     assert math.isclose(data["cells"][0]["runs"]["seerattn"]["density_prefill"], 0.25)
 
 

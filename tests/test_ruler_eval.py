@@ -95,19 +95,27 @@ def test_several_tasks_summary_in_yaml_order(tmp_path):
 def test_chunk_files_are_merged_in_chunk_order(tmp_path):
     write(tmp_path / "niah_single_1-10.jsonl", [rec(10, "x", ["y"])])
     write(tmp_path / "niah_single_1-2.jsonl", [rec(2, "x", ["x"])])
-    write(tmp_path / "niah_single_1-0.jsonl", [rec(0, "x", ["x"]), rec(1, "x", ["x"])])
-    # a record repeated in two chunk files (same index and input) counts once
+    write(tmp_path / "niah_single_1-0.jsonl", [rec(0, "x", ["x"])])
     write(tmp_path / "niah_single_1-1.jsonl", [rec(1, "x", ["x"])])
     res = run_evaluate(tmp_path)
     assert res.returncode == 0, res.stderr
     merged = [json.loads(x) for x in (tmp_path / "niah_single_1.jsonl").read_text().splitlines()]
     assert [r["index"] for r in merged] == [0, 1, 2, 10]
     assert (tmp_path / "summary-niah_single_1.csv").read_text().splitlines()[2] == "Score,75.0"
+    assert "Total tasks: ['niah_single_1']" in res.stdout      # the tasks it scored, not all 13
     # chunk files are kept (a chunked run can still resume); merging again gives the same file
     assert (tmp_path / "niah_single_1-10.jsonl").exists()
     first = (tmp_path / "niah_single_1.jsonl").read_bytes()
     assert run_evaluate(tmp_path).returncode == 0
     assert (tmp_path / "niah_single_1.jsonl").read_bytes() == first
+    # a sample in two chunk files (a stale chunk of another run) is refused, not counted twice or dropped
+    write(tmp_path / "niah_single_1-2.jsonl", [rec(2, "x", ["x"]), rec(1, "x", ["x"])])
+    summary = (tmp_path / "summary-niah_single_1.csv").read_bytes()
+    res = run_evaluate(tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "niah_single_1-{0,1,2,10}.jsonl holds sample index 1" in res.stderr and "2 times" in res.stderr
+    assert (tmp_path / "niah_single_1.jsonl").read_bytes() == first
+    assert (tmp_path / "summary-niah_single_1.csv").read_bytes() == summary
 
 
 def test_truncated_last_line_is_skipped(tmp_path):

@@ -18,11 +18,16 @@ merging chunk files {task}-{N}.jsonl into {task}.jsonl (in chunk order). Writes,
 
 Differences from RULER: chunk files are kept after merging (RULER deletes them) so that a
 chunked call_api.py run can still resume, and merging again is idempotent; a last line cut short
-by a killed run is skipped with a warning; no nltk, pandas or nemo is needed.
+by a killed run is skipped with a warning; no nltk, pandas or nemo is needed. A prediction file
+(or a task's chunk files together) holding a sample, keyed by (index, sha256 of its input), more
+often than its data file does is refused (exit 2, the file named) instead of scored twice; the
+data file is the one call_api.py's manifest names, or RULER run.sh's {length}/data/{task}/ beside
+{length}/pred/ (without one, each sample may appear once). An empty prediction file is refused too.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import importlib
 import json
@@ -32,7 +37,7 @@ import sys
 from typing import Any, Dict, List, Tuple
 
 from eval.ruler.cli import OneLineParser, UsageError, cli_main
-from eval.ruler.pred.prediction_files import CHUNK_RE
+from eval.ruler.pred.prediction_files import CHUNK_RE, check_no_extra_copies, data_file_of, sample_key
 
 EVAL_DIR = os.path.dirname(os.path.abspath(__file__))
 RULER_DIR = os.path.dirname(EVAL_DIR)
@@ -102,28 +107,29 @@ def read_records(path: str) -> List[Dict[str, Any]]:
     return records
 
 
-def _record_key(rec: Dict[str, Any]):
-    return rec.get("index"), rec.get("input")
+def check_copies(label: str, records: List[Dict[str, Any]], pred_file: str) -> None:
+    """Refuse records (of ``label``: a file or a task's chunk files) that hold a sample more often than the
+    data file of ``pred_file`` does, instead of scoring it twice (prediction_files.check_no_extra_copies)."""
+    keys = collections.Counter(sample_key(rec.get("index"), rec.get("input") or "") for rec in records)
+    check_no_extra_copies(label, keys, data_file_of(pred_file))
 
 
 def aggregate_chunk(folder: str) -> None:
-    """Merge {task}-{N}.jsonl into {task}.jsonl (chunk order, then line order), written atomically.
-    A record present in two chunk files (same index and input) is kept once."""
+    """Merge {task}-{N}.jsonl into {task}.jsonl (chunk order, then line order), written atomically. Chunk files
+    that together hold a sample more often than the data file does are an error (nothing is merged)."""
     groups: Dict[str, List[Tuple[int, str]]] = {}
     for name in os.listdir(folder):
         m = CHUNK_RE.match(name)
         if m:
             groups.setdefault(m.group("task"), []).append((int(m.group("chunk")), name))
     for task, files in groups.items():
-        seen = set()
-        lines = []
+        records = []
         for _, name in sorted(files):
-            for rec in read_records(os.path.join(folder, name)):
-                key = _record_key(rec)
-                if key in seen:
-                    continue
-                seen.add(key)
-                lines.append(json.dumps(rec))
+            records += read_records(os.path.join(folder, name))
+        chunks = ",".join(str(chunk) for chunk, _ in sorted(files))
+        check_copies(f"{os.path.join(folder, task)}-{{{chunks}}}.jsonl", records,
+                     os.path.join(folder, sorted(files)[0][1]))
+        lines = [json.dumps(rec) for rec in records]
         out = os.path.join(folder, f"{task}.jsonl")
         tmp = os.path.join(folder, f".{task}.jsonl.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -134,8 +140,12 @@ def aggregate_chunk(folder: str) -> None:
 def get_pred_and_ref(predictions_file: str, task_config: dict, input_field: str = "input",
                      references_field: str = "outputs", prediction_field: str = "pred",
                      metadata_field: str = "others"):
+    records = read_records(predictions_file)
+    if not records:
+        raise UsageError(f"{predictions_file} holds no predictions; run call_api.py into its folder first")
+    check_copies(predictions_file, records, predictions_file)
     inputs, predicts, references, indices = [], [], [], []
-    for line in read_records(predictions_file):
+    for line in records:
         predict = postprocess_pred(line[prediction_field], task_config)
         reference = line.get(references_field, [line.get("output", "")])
         index = (line.get(metadata_field) or {}).get("id", line["index"])
@@ -206,9 +216,9 @@ def evaluate(data_dir: str, benchmark: str = "synthetic", verbose: int = 0) -> D
     if not os.path.isdir(data_dir):
         raise UsageError(f"--data_dir {data_dir} is not a folder of prediction files")
     tasks = load_tasks(benchmark)
-    print(f"Total tasks: {list(tasks)}")
     aggregate_chunk(data_dir)
     jsonl_files = {f for f in os.listdir(data_dir) if f.endswith(".jsonl")}
+    print(f"Total tasks: {[task for task in tasks if f'{task}.jsonl' in jsonl_files]}")
     eval_results, subm_results = {}, {}
     for task, config in tasks.items():
         if f"{task}.jsonl" not in jsonl_files:

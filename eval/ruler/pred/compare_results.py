@@ -17,11 +17,12 @@ General form, any number of named runs::
 
 Run folder layouts (chosen per run, by what is on disk):
 
-* flat: ``DIR/{task}.jsonl`` as call_api.py / eval_sketchwalk.py write them. The length is not
-  known from the folder, so the cell's length is ``all`` (the report shows the mean prompt
-  tokens).
+* flat: ``DIR/{task}.jsonl`` as call_api.py / eval_sketchwalk.py write them. The cell's length is
+  the max_seq_length the data was prepared for, as call_api.py's manifest records it (from
+  prepare.py's record of the data file); ``all`` when no manifest says.
 * per length: ``DIR/{length}/{task}.jsonl`` (what eval/ruler/run_sketchwalk.py writes), or
-  RULER run.sh's ``DIR/{length}/pred/{task}.jsonl``; ``{length}`` is a folder named by digits
+  RULER run.sh's ``DIR/{length}/pred/{task}.jsonl`` (DIR = {ROOT}/{MODEL}/{BENCHMARK}, or
+  {ROOT}/{MODEL} when it holds one benchmark); ``{length}`` is a folder named by digits
   (the max_seq_length the data was prepared for). A folder with both layouts is an error.
 
 Chunk files ``{task}-{i}.jsonl`` (call_api --chunk_idx, torchrun ranks) are read in chunk
@@ -32,7 +33,9 @@ copy number), as call_api.py keys its resume (a data set may repeat a sample). A
 between runs in tasks, lengths or sample sets is an error (exit 2) that names what differs;
 ``--tasks``/``--lengths`` restrict all runs to a common subset first. call_api.py's manifests
 (``manifest-{task}.json``) give each run's settings for the report; a run whose manifests
-disagree (say key_summary) is an error.
+disagree (say key_summary) is an error; a knob left to a checkpoint (SeerAttn's threshold) is
+reported with the value the session used. A cell's files holding a sample more often than their
+data file does (two writers, another run's predictions) are an error, as in evaluate.py.
 
 Metrics: RULER's own ``string_match_all`` / ``string_match_part`` from
 eval/ruler/eval/synthetic/constants.py (one definition), on predictions cleaned by
@@ -54,6 +57,7 @@ time_per_sample.png.
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
 import json
 import os
@@ -67,7 +71,7 @@ from eval.ruler.cli import OneLineParser, UsageError, cli_main
 from eval.ruler.eval import evaluate
 from eval.ruler.eval.synthetic import constants as ruler_constants
 from eval.ruler.pred import registry
-from eval.ruler.pred.prediction_files import CHUNK_RE, input_sha
+from eval.ruler.pred.prediction_files import CHUNK_RE, check_no_extra_copies, data_file_of, input_sha, manifest_path
 
 RULER_DIR = Path(__file__).resolve().parents[1]
 # RULER's own servers that run dense attention, beside the registry's dense methods
@@ -198,13 +202,39 @@ def _task_files(folder: Path):
     return tasks
 
 
+def _length_dirs(folder: Path):
+    return sorted((c for c in folder.iterdir() if c.is_dir() and c.name.isdigit()), key=lambda c: int(c.name))
+
+
+def _prepared_length(files) -> str:
+    """The max_seq_length a flat folder's task was prepared for, from call_api.py's manifests (prepare.py's
+    record of the data file), or ``all`` when they do not say or disagree. Chunk files, when there are any,
+    carry the manifests (evaluate.py's merged file has none of its own)."""
+    found = set()
+    for path in _cell_files(files)[0]:
+        try:
+            data = json.loads(manifest_path(path).read_text(encoding="utf-8")).get("data") or {}
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return FLAT
+        found.add(data.get("max_seq_length") if isinstance(data, dict) else None)
+    length = found.pop() if len(found) == 1 else None
+    return str(length) if isinstance(length, int) and not isinstance(length, bool) else FLAT
+
+
 def find_prediction_files(name: str, run_dir: Path):
     """{length: {task: [files]}} for one run folder (layouts in the module docstring)."""
     if not run_dir.is_dir():
         raise UsageError(f"run '{name}': {run_dir} is not a folder")
     top = _task_files(run_dir)
-    length_dirs = sorted((c for c in run_dir.iterdir() if c.is_dir() and c.name.isdigit()),
-                         key=lambda c: int(c.name))
+    length_dirs = _length_dirs(run_dir)
+    if not top and not length_dirs:
+        # RULER run.sh's {ROOT}/{MODEL}: the benchmark folder below it holds the length folders
+        benchmarks = [c for c in sorted(run_dir.iterdir()) if c.is_dir() and _length_dirs(c)]
+        if len(benchmarks) > 1:
+            raise UsageError(f"run '{name}': {run_dir} holds several benchmarks "
+                             f"({', '.join(c.name for c in benchmarks)}); pass one of them, e.g. {benchmarks[0]}")
+        if benchmarks:
+            return find_prediction_files(name, benchmarks[0])
     if length_dirs and top:
         raise UsageError(
             f"run '{name}': {run_dir} holds both prediction files ({', '.join(sorted(top))}) and "
@@ -213,7 +243,10 @@ def find_prediction_files(name: str, run_dir: Path):
         if not top:
             raise UsageError(f"run '{name}': no prediction files ({{task}}.jsonl) in {run_dir} "
                              f"nor in length folders {run_dir}/<length>/")
-        return {FLAT: top}
+        out = {}
+        for task, files in top.items():
+            out.setdefault(_prepared_length(files), {})[task] = files
+        return out
     out = {}
     for ld in length_dirs:
         pdir = ld / "pred" if (ld / "pred").is_dir() else ld
@@ -318,6 +351,8 @@ def read_samples(name: str, task: str, length: str, files):
             }
     if not samples:
         raise UsageError(f"run '{name}' {task}@{length}: {', '.join(map(str, use))} hold no records")
+    keys = collections.Counter((s["index"], s["sha"]) for s in samples.values())   # prediction_files.sample_key
+    check_no_extra_copies(", ".join(map(str, use)), keys, data_file_of(use[0]))
     for path in merged:
         counts = {}
         for lineno, rec in _read_jsonl(path):
@@ -335,16 +370,23 @@ MANIFEST_FIELDS = ("server_type", "model", "checkpoint", "dtype", "device_type",
 
 def read_manifests(name: str, run_dir: Path):
     """call_api.py's manifest-{task}[-{chunk}].json files of a run: the settings that must agree
-    across its cells. Returns (settings or None, [paths]); disagreement is an error."""
+    across its cells. Returns (settings or None, [paths]); disagreement is an error.
+
+    A knob left unset on the command line (None in the manifest's key, e.g. SeerAttn's --threshold) is given
+    the value the method actually used, from the manifest's ``session`` (the gates checkpoint's threshold)."""
     paths = sorted(run_dir.glob("manifest-*.json")) + sorted(run_dir.glob("*/manifest-*.json")) \
-        + sorted(run_dir.glob("*/pred/manifest-*.json"))
+        + sorted(run_dir.glob("*/pred/manifest-*.json")) + sorted(run_dir.glob("*/*/pred/manifest-*.json"))
     settings, first = None, None
     for p in paths:
         try:
-            key = json.loads(p.read_text(encoding="utf-8")).get("key") or {}
+            manifest = json.loads(p.read_text(encoding="utf-8"))
+            key = manifest.get("key") or {}
+            session = manifest.get("session") or {}
         except (OSError, json.JSONDecodeError, AttributeError):
             raise UsageError(f"run '{name}': manifest {p} is unreadable")
         these = OrderedDict((f, key.get(f)) for f in MANIFEST_FIELDS)
+        if isinstance(these["knobs"], dict) and isinstance(session, dict):
+            these["knobs"] = OrderedDict((k, session.get(k) if v is None else v) for k, v in these["knobs"].items())
         if settings is None:
             settings, first = these, p
         elif these != settings:
@@ -364,7 +406,7 @@ def _settings_line(settings):
     if settings.get("checkpoint"):
         parts.append(f"checkpoint {settings['checkpoint']}")
     parts.append(f"{settings['dtype']} on {settings['device_type']}")
-    knobs = settings.get("knobs") or {}
+    knobs = {k: v for k, v in (settings.get("knobs") or {}).items() if v is not None}
     if knobs:
         parts.append(" ".join(f"{k}={v}" for k, v in knobs.items()))
     return "; ".join(str(p) for p in parts)
