@@ -515,6 +515,29 @@ def test_changed_data_args_with_predictions_is_an_error(tmp_path, capsys, monkey
     assert code == 2 and "data file changed since it was prepared" in err
 
 
+def test_method_read_from_run_sh_results(tmp_path, capsys, monkeypatch):
+    """A method given as `predictions: {ROOT}/{MODEL}/{BENCHMARK}` (what eval/ruler/run.sh wrote) is compared, never
+    predicted or evaluated; a cell its folder lacks is an error before any step runs."""
+    ruler = tmp_path / "benchmark_root" / "smollm2"
+    for task in ("niah_single_1", "vt"):
+        pred = ruler / "synthetic" / "1024" / "pred" / f"{task}.jsonl"
+        pred.parent.mkdir(parents=True, exist_ok=True)
+        pred.write_text("{}\n")
+    cfg = tiny_config(tmp_path, lengths=[1024], methods={"dense": {"predictions": str(ruler)},
+                                                         "sw": {"server_type": "SketchWalk"}})
+    code, out, err = run_main([cfg, "--dry_run"], capsys)
+    assert code == 0, err
+    cmds = [c for _, c in commands(out)]
+    assert [script_of(c) for c in cmds] == ["prepare.py", "prepare.py", "call_api.py", "call_api.py", "evaluate.py",
+                                            "compare_results.py"]
+    assert all(flag(c, "--server_type") == "SketchWalk" for c in cmds if script_of(c) == "call_api.py")
+    runs = [cmds[-1][i + 1] for i, a in enumerate(cmds[-1]) if a == "--run"]
+    assert runs == [f"dense={ruler / 'synthetic'}", f"sw={tmp_path / 'root/pred/sw'}"]
+    assert f"# method dense: predictions read from {ruler}" in out
+    code, out, err = run_main([cfg, "--dry_run", "--lengths", "2048"], capsys)
+    assert code == 2 and f"method dense: {ruler / 'synthetic' / '2048' / 'pred'} holds no niah_single_1.jsonl" in err
+
+
 def test_stops_at_first_failure(tmp_path, capsys, monkeypatch):
     cfg = tiny_config(tmp_path, lengths=[1024], tasks=["vt"])
     fake = FakeRunner(fail_on=lambda c: script_of(c) == "call_api.py" and "SketchWalk" in c, rc=3)

@@ -35,6 +35,11 @@ Layout under ``root_dir`` (``pred/`` is git-ignored: everything that holds promp
     {root}/{comparison}/comparison_report.md, comparison.json, samples.jsonl.gz, *.png
     {root}/sweep_log.jsonl
 
+A method may instead be read from RULER run.sh's results (``predictions: {ROOT}/{MODEL}/{BENCHMARK}``, whose
+``{length}/pred/{task}.jsonl`` eval/ruler/run.sh wrote): it is compared with the others and never predicted or
+evaluated here. Its samples must be the sweep's (same tokenizer, template, seed and num_samples), which
+compare_results.py checks sample by sample.
+
 Config (yaml; every key optional except methods; flags override)::
 
     root_dir: results/ruler/stage2
@@ -56,7 +61,8 @@ Config (yaml; every key optional except methods; flags override)::
     call_api_args: {temperature: 0.0, batch_size: 8}          # flags for every method
     launcher: null               # e.g. [torchrun, --nproc_per_node, "2"] instead of python
     methods:                     # name: call_api flags, or {args: flags, tasks: [...], lengths: [...]}
-      dense: {server_type: hf}
+      dense: {server_type: hf}   # or {predictions: benchmark_root/smollm2/synthetic}: read what
+                                 # `bash eval/ruler/run.sh smollm2 synthetic` wrote, predict nothing
       sketchwalk: {server_type: SketchWalk, dense_last_blocks: 0}
       seerattn: {server_type: SeerAttn, model_name_or_path: seer_attn/checkpoints/smollm2}
     comparisons:                 # default: one "comparison" of the methods that cover every cell
@@ -83,7 +89,7 @@ from pathlib import Path
 from eval.ruler.cli import OneLineParser, UsageError, cli_main
 from eval.ruler.model_loader import sha256_file
 from eval.ruler.pred import registry
-from eval.ruler.pred.prediction_files import CHUNK_RE, input_sha
+from eval.ruler.pred.prediction_files import CHUNK_RE, data_keys, sample_key
 
 RULER_DIR = Path(__file__).resolve().parent
 
@@ -121,6 +127,7 @@ class Method:
     tasks: list | None = None        # restriction, None = every cell
     lengths: list | None = None
     launcher: list | None = None
+    predictions: Path | None = None  # a RULER run.sh result folder ({ROOT}/{MODEL}/{BENCHMARK}) to read, not predict
 
     def covers(self, cell):
         task, length = cell
@@ -267,13 +274,16 @@ def _parse_methods(raw, where):
         if name in methods:
             raise UsageError(f"{where}: method {name} given twice")
         spec = spec if spec is not None else {}
-        structured = isinstance(spec, dict) and "args" in spec
+        structured = isinstance(spec, dict) and ("args" in spec or "predictions" in spec)
         if structured:
-            extra = set(spec) - {"args", "tasks", "lengths", "launcher"}
+            extra = set(spec) - {"args", "tasks", "lengths", "launcher", "predictions"}
             if extra:
                 raise UsageError(f"{where}: method {name}: unknown key(s) {', '.join(sorted(extra))} "
-                                 f"(known: args, tasks, lengths, launcher)")
-            args = spec["args"]
+                                 f"(known: args, tasks, lengths, launcher, predictions)")
+            if "predictions" in spec and ("args" in spec or "launcher" in spec):
+                raise UsageError(f"{where}: method {name}: predictions (read from a run.sh folder) takes no "
+                                 f"args or launcher: nothing is predicted for it")
+            args = spec.get("args") or {}
         else:
             args = spec
         fmap = _flag_map(args, f"{where}: method {name}")
@@ -290,6 +300,7 @@ def _parse_methods(raw, where):
             tasks=_as_list(spec.get("tasks"), f"method {name} tasks") if structured else None,
             lengths=_as_list(spec.get("lengths"), f"method {name} lengths", lambda v: _int(v, "length")) if structured else None,
             launcher=_as_list(spec.get("launcher"), f"method {name} launcher") if structured else None,
+            predictions=Path(spec["predictions"]) if structured and spec.get("predictions") else None,
         )
     return methods
 
@@ -381,6 +392,9 @@ def build_sweep(cfg, args):
         if not any(m.covers(c) for c in cells):
             raise UsageError(f"method {m.name} is restricted to tasks {m.tasks} lengths {m.lengths}, "
                              f"which match no cell of this sweep")
+        if m.predictions is not None:
+            notes.append(f"method {m.name}: predictions read from {m.predictions} (RULER run.sh's layout), "
+                         f"not predicted")
 
     comparisons = []
     raw_comps = cfg.get("comparisons")
@@ -471,8 +485,10 @@ def pred_dir(sw: Sweep, method: str, length) -> Path:
 
 
 def _sample_keys(path: Path, data: bool):
-    """Multiset of (index, sha256 of the prompt) of a jsonl file, as call_api.py keys its resume:
-    the prompt is a data sample's input + answer_prefix, a prediction record's input."""
+    """Multiset of sample keys (index, sha256 of the prompt) of a data file or a prediction file, as call_api.py
+    keys its resume (prediction_files.sample_key)."""
+    if data:
+        return data_keys(path)
     keys = Counter()
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -480,8 +496,7 @@ def _sample_keys(path: Path, data: bool):
                 continue
             try:
                 rec = json.loads(line)
-                prompt = rec["input"] + ((rec.get("answer_prefix") or "") if data else "")
-                keys[(rec["index"], input_sha(prompt))] += 1
+                keys[sample_key(rec["index"], rec["input"])] += 1
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 continue  # a torn last line: call_api.py repairs it on resume
     return keys
@@ -570,6 +585,13 @@ def plan(sw: Sweep, phases=("prepare", "predict", "evaluate", "compare")):
         for task, length in sw.cells:
             if not m.covers((task, length)):
                 continue
+            if m.predictions is not None:       # read from a run.sh folder: nothing to predict or evaluate
+                folder = ruler_run_dir(sw, m) / str(length) / "pred"
+                if not prediction_files(folder, task):
+                    raise UsageError(f"method {m.name}: {folder} holds no {task}.jsonl; run `bash eval/ruler/run.sh "
+                                     f"MODEL {sw.benchmark}` with SEQ_LENGTHS including {length} and TASKS {task} "
+                                     f"first, or restrict the method's tasks/lengths")
+                continue
             dfile = data_dir(sw, length) / task / f"{sw.subset}.jsonl"
             sdir = pred_dir(sw, m.name, length)
             fmap = OrderedDict(sw.call_api_args)
@@ -593,6 +615,8 @@ def plan(sw: Sweep, phases=("prepare", "predict", "evaluate", "compare")):
                 steps.append(Step("predict", f"predict {m.name} {task}@{length}", cmd, skip))
     if "evaluate" in phases:
         for m in sw.methods.values():
+            if m.predictions is not None:
+                continue
             for length in sorted({l for t, l in sw.cells if m.covers((t, l))}):
                 sdir = pred_dir(sw, m.name, length)
                 cmd = [sw.python, _script(EVALUATE), "--data_dir", str(sdir), "--benchmark", sw.benchmark]
@@ -607,13 +631,21 @@ def plan(sw: Sweep, phases=("prepare", "predict", "evaluate", "compare")):
         for c in sw.comparisons:
             cmd = [sw.python, _script(COMPARE)]
             for m in c.methods:
-                cmd += ["--run", f"{m}={sw.root / 'pred' / m}"]
+                folder = sw.root / "pred" / m if sw.methods[m].predictions is None else ruler_run_dir(sw, sw.methods[m])
+                cmd += ["--run", f"{m}={folder}"]
             if c.baseline:
                 cmd += ["--baseline", c.baseline]
             cmd += ["--output_dir", str(sw.root / c.name), "--tasks", *c.tasks,
                     "--lengths", *[str(l) for l in c.lengths]]
             steps.append(Step("compare", f"compare {c.name}", cmd, None))
     return steps
+
+
+def ruler_run_dir(sw: Sweep, method: Method) -> Path:
+    """The {ROOT}/{MODEL}/{BENCHMARK} folder of a method read from RULER run.sh's results (its ``predictions``
+    may also name {ROOT}/{MODEL}); it holds {length}/pred/{task}.jsonl."""
+    folder = method.predictions
+    return folder / sw.benchmark if (folder / sw.benchmark).is_dir() else folder
 
 
 def _pred_method_dirs(sw: Sweep):
