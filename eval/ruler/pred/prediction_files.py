@@ -25,8 +25,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from eval.ruler.cli import UsageError, warn
 from eval.ruler.model_loader import sha256_file
-from sketch_walk.core.errors import UsageError
 
 CHUNK_RE = re.compile(r"^(?P<task>.*[^_])-(?P<chunk>\d+)\.jsonl$")
 
@@ -148,12 +148,14 @@ def lock_for_writing(pred_file: Path):
                          f"pass a folder you can write to") from None
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
         raise UsageError(f"{pred_file} is being written by process {holder} (lock {lock_file}); wait for it to "
                          f"end, or use another --save_dir") from None
+    except OSError as exc:   # a file system without flock (some network mounts): write, unguarded
+        warn(f"cannot lock {lock_file} ({exc.strerror or exc}); a second writer of {pred_file} would not be stopped")
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
