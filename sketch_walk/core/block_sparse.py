@@ -2,8 +2,10 @@
 
 Methods (Sketch&Walk, SeerAttention, the oracle and local controls) differ only in how they
 pick key blocks. They all hand the result to :func:`block_sparse_attention` (prefill) or
-:func:`block_sparse_decode` (one new query per sequence), which run the Triton kernels on CUDA
-and the plain PyTorch references here elsewhere (or when forced).
+:func:`block_sparse_decode` (one new query per sequence), which run the Triton kernels on CUDA,
+torch's CPU flash attention on the gathered kept blocks on the CPU
+(:mod:`sketch_walk.core.kernels.block_sparse_cpu`), and the plain PyTorch references here
+elsewhere or when forced (backend "reference": the float definition the tests compare against).
 
 Kept-block lists (the format every selector returns and every kernel reads)
 --------------------------------------------------------------------------
@@ -36,12 +38,13 @@ import torch
 
 from .errors import UsageError
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "reference")
 _forced_backend: Optional[str] = None
 
 
 def set_backend(backend: str) -> None:
-    """Force the attention backend for this process: 'auto' (Triton on CUDA, else torch), 'triton' or 'torch'."""
+    """Force the attention backend for this process: 'auto' (Triton on CUDA, else torch), 'triton', 'torch'
+    (PyTorch: on the CPU the flash-attention path, elsewhere the references) or 'reference' (the float references)."""
     global _forced_backend
     if backend not in BACKENDS:
         raise UsageError(f"--attn_backend {backend}: choose one of {', '.join(BACKENDS)}")
@@ -49,7 +52,8 @@ def set_backend(backend: str) -> None:
 
 
 def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
-    """Which implementation runs for tensors on ``device``: 'triton' or 'torch'."""
+    """Which implementation runs for tensors on ``device``: 'triton', 'torch' or 'reference' (selectors run their
+    torch code for both of the last two)."""
     choice = backend or _forced_backend or os.environ.get("SKETCH_WALK_ATTN_BACKEND", "auto")
     if choice == "auto":
         return "triton" if device.type == "cuda" else "torch"
@@ -139,11 +143,18 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[in
     return b, h, n, d, h_kv
 
 
-def _blocked(x: torch.Tensor, block_size: int, work: torch.dtype) -> torch.Tensor:
-    """x (..., n, d) in ``work`` dtype, zero-padded to whole blocks and viewed as (..., n_b, block_size, d)."""
+def _blocked(x: torch.Tensor, block_size: int, work: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (..., n, d) in ``work`` dtype, zero-padded to whole blocks and viewed as (..., n_b, block_size, d).
+    ``out``: a contiguous (..., n_b * block_size, d) tensor of ``work`` dtype to write it into (the CPU path's
+    kept buffers)."""
     n, d = x.shape[-2:]
     nb = num_blocks(n, block_size)
-    padded = torch.nn.functional.pad(x.to(work), (0, 0, 0, nb * block_size - n))
+    if out is None:
+        padded = torch.nn.functional.pad(x.to(work), (0, 0, 0, nb * block_size - n))
+    else:
+        padded = out
+        out[..., :n, :].copy_(x)
+        out[..., n:, :].zero_()
     return padded.view(*x.shape[:-2], nb, block_size, d)
 
 
@@ -241,13 +252,28 @@ def block_sparse_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 # Dispatch: the call sites never change when the kernels do
 # ----------------------------------------------------------------------------------------------
 
+def _cpu_path(q: torch.Tensor, backend: Optional[str], *tensors: torch.Tensor) -> bool:
+    """Whether the 'torch' backend runs :mod:`.kernels.block_sparse_cpu`: CPU tensors, no gradient wanted (it gathers
+    into reused buffers; the differentiable reference serves autograd), and a torch with its kernel."""
+    if q.device.type != "cpu" or resolve_backend(q.device, backend) != "torch":
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q,) + tensors):
+        return False
+    from .kernels.block_sparse_cpu import available
+    return available()
+
+
 def block_sparse_attention(q, k, v, block_idx, block_cnt, block_size: int, sm_scale: Optional[float] = None,
                            backend: Optional[str] = None, window: Optional[int] = None):
-    """Prefill block-sparse attention; Triton on CUDA, the PyTorch reference elsewhere. Returns (out, lse).
-    ``window``: a sliding window of that many keys (keys t-w+1..t) on top of the lists."""
+    """Prefill block-sparse attention; Triton on CUDA, the CPU flash-attention path on the CPU, else the PyTorch
+    reference. Returns (out, lse). ``window``: a sliding window of that many keys (keys t-w+1..t) on top of the
+    lists (the reference's on the CPU: the hook sends sliding-window layers to SDPA there)."""
     if resolve_backend(q.device, backend) == "triton":
         from .kernels.block_sparse_prefill import block_sparse_attention_triton
         return block_sparse_attention_triton(q, k, v, block_idx, block_cnt, block_size, sm_scale, window=window)
+    if window is None and _cpu_path(q, backend, k, v):
+        from .kernels.block_sparse_cpu import block_sparse_attention_cpu
+        return block_sparse_attention_cpu(q, k, v, block_idx, block_cnt, block_size, sm_scale)
     return block_sparse_attention_reference(q, k, v, block_idx, block_cnt, block_size, sm_scale, window=window)
 
 
@@ -273,8 +299,12 @@ def window_block_lists(n: int, block_size: int, window: int, batch: int, h_kv: i
 
 def block_sparse_decode(q, k_cache, v_cache, block_idx, block_cnt, block_size: int,
                         sm_scale: Optional[float] = None, backend: Optional[str] = None):
-    """Decode block-sparse attention (one query per sequence); Triton on CUDA, else the reference."""
+    """Decode block-sparse attention (one query per sequence); Triton on CUDA, the CPU flash-attention path on the
+    CPU, else the reference."""
     if resolve_backend(q.device, backend) == "triton":
         from .kernels.block_sparse_decode import block_sparse_decode_triton
         return block_sparse_decode_triton(q, k_cache, v_cache, block_idx, block_cnt, block_size, sm_scale)
+    if _cpu_path(q, backend, k_cache, v_cache):
+        from .kernels.block_sparse_cpu import block_sparse_decode_cpu
+        return block_sparse_decode_cpu(q, k_cache, v_cache, block_idx, block_cnt, block_size, sm_scale)
     return block_sparse_decode_reference(q, k_cache, v_cache, block_idx, block_cnt, block_size, sm_scale)

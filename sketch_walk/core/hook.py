@@ -16,7 +16,8 @@ What runs, per attention call (query (B, H, q_len, d), key / value (B, H_kv, k_l
   decode, a padded mask) the same SDPA call with the model's own sliding mask; it takes no part in
   selection or the walk, and its density counts the keys inside its window;
 * a sparse layer, prefill (q_len == k_len) -> ``selector.select_prefill`` then
-  :func:`sketch_walk.core.block_sparse.block_sparse_attention` (Triton on CUDA, PyTorch elsewhere);
+  :func:`sketch_walk.core.block_sparse.block_sparse_attention` (Triton on CUDA, torch's CPU flash attention on
+  the gathered kept blocks on the CPU);
 * a sparse layer, decode (q_len == 1 < k_len) -> dense SDPA when ``skip_decode``, else
   ``selector.select_decode`` then :func:`sketch_walk.core.block_sparse.block_sparse_decode`.
 Refused with a :class:`UsageError`: attention masks that are not plain causal (padded batches,
@@ -35,7 +36,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .block_sparse import (attended_keys_decode, attended_pairs_prefill, block_sparse_attention,
+from .block_sparse import (BACKENDS, attended_keys_decode, attended_pairs_prefill, block_sparse_attention,
                            block_sparse_decode, causal_pairs, resolve_backend, window_block_lists)
 from .errors import UsageError
 from .contract import BlockSelector
@@ -348,13 +349,14 @@ def enable_sparse_attention(model, selector: BlockSelector, *, skip_decode: bool
     """Run ``model``'s attention through the shared block-sparse hook with ``selector``; returns the session.
 
     ``skip_decode``: decode steps run dense SDPA (prefill stays sparse). ``backend``: None / "auto"
-    (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". A session already enabled on the model
+    (Triton on CUDA, PyTorch elsewhere), "triton", "torch" or "reference" (the float references of
+    :mod:`.block_sparse` instead of the CPU flash-attention path: tests). A session already enabled on the model
     is disabled first. The model is switched to attn_implementation :data:`ATTN_NAME`.
     """
     if not isinstance(selector, BlockSelector):
         raise UsageError(f"selector must be a sketch_walk.core.contract.BlockSelector, got {type(selector).__name__}")
-    if backend not in (None, "auto", "triton", "torch"):
-        raise UsageError(f"--attn_backend {backend}: choose one of auto, triton, torch")
+    if backend is not None and backend not in BACKENDS:
+        raise UsageError(f"--attn_backend {backend}: choose one of {', '.join(BACKENDS)}")
     old = getattr(model, SESSION_ATTR, None)
     if old is not None:
         old.disable()
