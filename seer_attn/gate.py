@@ -89,6 +89,7 @@ class BlockRope:
     def __init__(self, fn, dim: int):
         self._fn = fn
         self.dim = dim
+        self._at: dict = {}
 
     @classmethod
     def from_model(cls, model, dim: int) -> "BlockRope":
@@ -131,6 +132,15 @@ class BlockRope:
     def blocks(self, n_blocks: int, block_size: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos/sin at each block's first token: positions 0, B, 2B, ..."""
         return self(torch.arange(n_blocks, device=device) * block_size)
+
+    def at(self, position: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (1, h_g) at one position, computed once per position and device: every decode step of every
+        layer asks for the start of the current block twice, and a call of the model's rotary module costs
+        more on the CPU than the rest of the gate's step."""
+        key = (int(position), str(device))
+        if key not in self._at:
+            self._at[key] = self(torch.tensor([int(position)], device=device))
+        return self._at[key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +233,7 @@ class AttnGate(nn.Module):
         """
         qp = torch.cat([q_new.float()] * len(self.q_pools), dim=-1).unsqueeze(2)        # (B, H, 1, .)
         start = (position // self.block_size) * self.block_size
-        cos, sin = rope(torch.tensor([start], device=q_new.device))
+        cos, sin = rope.at(start, q_new.device)
         return apply_rope(self.project_q(qp), cos, sin).squeeze(2)
 
 
@@ -256,7 +266,7 @@ class GateKeyCache:
         if self.n % self.bs == 0:                                        # a new block opens
             self.keys = torch.cat([self.keys, self.keys[:, :, -1:]], dim=2)   # placeholder, set below
         j = self.summary.append(k_new)
-        cos, sin = self.rope(torch.tensor([j * self.bs], device=k_new.device))
+        cos, sin = self.rope.at(j * self.bs, k_new.device)
         pooled = pools_from_summary(self.summary, self.gate.k_pools, block=j)
         self.keys[:, :, -1:] = apply_rope(self.gate.project_k(pooled), cos, sin)
 
