@@ -364,9 +364,9 @@ def make_cpu_lists(case: Dict, nb: int, gen: torch.Generator):
     if case["lists"] == "holes":                  # causal, minus a few off-diagonal blocks in a few (row, head)s
         mask = tril.expand(b, hkv, nb, nb).clone()
         holes = (torch.rand(b, hkv, nb, nb, generator=gen) < 0.15) & tril & ~torch.eye(nb, dtype=torch.bool)
+        holes &= torch.rand(b, hkv, nb, 1, generator=gen) < 0.5
         holes[..., :2, :] = False                 # a causal prefix of two rows
         holes[..., 2, 0] = True                   # row 2 is not dense, so later dense rows take their own path
-        holes &= torch.rand(b, hkv, nb, 1, generator=gen) < 0.5
         mask &= ~holes
     elif case["lists"] == "open":                 # row i keeps block 0 only: no diagonal; row 0 keeps nothing
         mask = torch.zeros(b, hkv, nb, nb, dtype=torch.bool)
@@ -429,15 +429,18 @@ def test_decode_cpu_path(case, route, monkeypatch):
 
 def test_cpu_path_takes_every_route(monkeypatch):
     """The cases above go through every route of the prefill: runs of query blocks that keep every causal block
-    (the leading one causal only; a later one causal over itself plus the unmasked prompt before it, merged),
-    bucketed units with the diagonal mask and without any mask; empty lists never reach the kernel."""
+    (the leading one causal only; a later one causal over itself plus the unmasked prompt before it, merged; for
+    all groups or for some), bucketed units with the diagonal mask and without any mask; empty lists never reach
+    the kernel."""
     import sketch_walk.core.kernels.block_sparse_cpu as cpu
     calls = []
     flash = cpu._flash
 
     def spy(q, k, v, mask, scale, causal=False):
         calls.append(("causal" if causal else "masked" if mask is not None else "open", k.shape[2]))
+        batches.append((causal, q.shape[0]))
         return flash(q, k, v, mask, scale, causal)
+    batches = []
     monkeypatch.setattr(cpu, "_flash", spy)
     gen = torch.Generator().manual_seed(0)
     routes = {}
@@ -458,6 +461,7 @@ def test_cpu_path_takes_every_route(monkeypatch):
             assert ("causal", 2 * bs) in calls                                     # the leading run
             assert ("causal", (i1 - i0) * bs) in calls                             # the run itself
             assert ("open", i0 * bs) in calls                                      # the keys before it, a view
+            assert {n_groups for causal, n_groups in batches if causal} > {b * hkv}  # runs of some groups too
     assert routes["dense_rows_and_holes"] == {"causal", "open", "masked"}
     assert routes["open_rows_first_empty"] == {"open"}
 

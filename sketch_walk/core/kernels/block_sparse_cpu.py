@@ -16,10 +16,11 @@ heads x query tiles, and it returns the log-sum-exp) on exactly its kept keys:
   head of r B queries (one after the other) against the key head's keys: each kept block is gathered and read once
   for the group, and the kernel, which tiles longer query axes more coarsely, reuses each key tile for more queries
   (the cost per query-key pair by query length: docs/PERFORMANCE.md, "CPU");
-* a run of query blocks i0..i1-1 whose every list keeps every causal block (Sketch&Walk's first top_k + 2 rows; most
-  rows of a dense SeerAttn layer) is causal attention over the prompt's prefix, on views of q, K and V (no gather):
-  the run's own keys with the kernel's causal mask (top-left aligned, query l sees keys <= l, which is right for
-  the run against itself) and, unmasked, the keys before the run, the two merged by their log-sum-exps;
+* a run of query blocks i0..i1-1 over which a group's lists keep every causal block (Sketch&Walk's first top_k + 2
+  rows; most of a dense SeerAttn layer) is causal attention over the prompt's prefix, without a gather: the run's
+  own keys with the kernel's causal mask (top-left aligned, query l sees keys <= l, which is right for the run
+  against itself) and, unmasked, the keys before the run, the two merged by their log-sum-exps; the groups that
+  share a run share the calls (all of them: views of q, K and V);
 * every other unit goes to the bucket of its width W and of whether its list ends with its own block (a list is
   ascending and causal, so only the last entry can be the diagonal): a bucket is one call (in chunks under
   ``max_gather_bytes``) on its units' kept blocks, gathered with ``index_select``, under one shared (r B, W B) mask
@@ -127,9 +128,9 @@ def block_sparse_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     (B, H_kv, n_b), as in :mod:`sketch_walk.core.block_sparse`. Returns out (B, H, n, d) in q's dtype (a view
     of a (B, n, H, d) tensor, the layout the model's o_proj takes) and lse (B, H, n) fp32 (fp64 for fp64).
 
-    Routes (module docstring): runs of query blocks whose every list keeps every causal block, on views of the
+    Routes (module docstring): runs of query blocks over which a group's lists keep every causal block, on the
     prompt's keys; every other non-empty unit (sequence, key head, query block) in a (width, ends with its diagonal)
-    bucket, gathered in chunks of at most ``max_gather_bytes`` of K and V. Empty lists keep out 0, lse -inf.
+    bucket, gathered in chunks of at most ``max_gather_bytes`` of K and V. Empty lists give out 0, lse -inf.
     """
     b, h, n, d, hkv = _check_shapes(q, k, v)
     r = h // hkv
@@ -151,11 +152,19 @@ def block_sparse_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     lse = _buffer("lse", (g, nb, r, bs), lse_dt)
 
     rows = torch.arange(nb)
-    dense = (cnt == rows + 1).all(0)          # ascending causal lists of i + 1 entries: blocks 0..i, in every group
-    for i0, i1 in _runs(dense.tolist()):
-        o, l = _dense_run(qb, kb, vb, i0 * bs, i1 * bs, r, scale)
-        out[:, i0:i1] = o.view(g, r, i1 - i0, bs, d).transpose(1, 2)
-        lse[:, i0:i1] = l.view(g, r, i1 - i0, bs).transpose(1, 2)
+    dense = cnt == rows + 1                   # ascending causal lists of i + 1 entries: blocks 0..i
+    runs: Dict[Tuple[int, int], List[int]] = {}                  # (i0, i1) -> the groups with that dense run
+    for gi, flags in enumerate(dense.tolist()):
+        for run in _runs(flags):
+            runs.setdefault(run, []).append(gi)
+    for (i0, i1), groups in runs.items():
+        sel = torch.tensor(groups) if len(groups) < g else None  # all groups: views; some: copies of what is used
+        o, l = _dense_run(qb, kb, vb, i0 * bs, i1 * bs, r, scale, sel)
+        o, l = o.view(-1, r, i1 - i0, bs, d).transpose(1, 2), l.view(-1, r, i1 - i0, bs).transpose(1, 2)
+        if sel is None:
+            out[:, i0:i1], lse[:, i0:i1] = o, l
+        else:
+            out[sel, i0:i1], lse[sel, i0:i1] = o, l
 
     # every other unit u = group * n_b + i with a non-empty list, bucketed by (width, ends with its diagonal); the
     # kernel sees a unit as one head of r B queries (the r query heads one after the other: longer query tiles
@@ -200,21 +209,25 @@ def block_sparse_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return _layout(out, lse, b, hkv, n)
 
 
-def _dense_run(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, t0: int, t1: int, r: int,
-               scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _dense_run(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, t0: int, t1: int, r: int, scale: float,
+               groups: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Queries t0..t1-1 attending every key up to their own position (causal attention, bottom-right aligned):
-    qb (G, r, n_b B, d), kb / vb (G, n_b B, d) -> out (G, r, t1 - t0, d), lse (G, r, t1 - t0).
+    qb (G, r, n_b B, d), kb / vb (G, n_b B, d) -> out (G', r, t1 - t0, d), lse (G', r, t1 - t0) for the G' groups
+    ``groups`` (default all).
 
     The kernel's causal mask is top-left (query l sees keys <= l), so the keys split in two: t0..t1-1, causal as
     the kernel has it, and 0..t0-1, all visible, no mask, with the r heads as one long query axis (r (t1 - t0)
-    queries per key tile); the two parts are merged by their log-sum-exps. Both are views of the prompt: no gather."""
-    g, _, _, d = qb.shape
-    L = t1 - t0
-    o, l = _flash(qb[:, :, t0:t1], kb[:, None, t0:t1].expand(-1, r, -1, -1), vb[:, None, t0:t1].expand(-1, r, -1, -1),
-                  None, scale, causal=True)
+    queries per key tile); the two parts are merged by their log-sum-exps. For all groups both are views of the
+    prompt (no gather); for some, the slices used are copied."""
+    q, k, v = qb[:, :, t0:t1], kb[:, :t1], vb[:, :t1]
+    if groups is not None:
+        q, k, v = q.index_select(0, groups), k.index_select(0, groups), v.index_select(0, groups)
+    g, _, L, d = q.shape
+    o, l = _flash(q, k[:, None, t0:].expand(-1, r, -1, -1), v[:, None, t0:].expand(-1, r, -1, -1), None, scale,
+                  causal=True)
     if t0 == 0:
         return o, l
-    o0, l0 = _flash(qb[:, :, t0:t1].reshape(g, 1, r * L, d), kb[:, None, :t0], vb[:, None, :t0], None, scale)
+    o0, l0 = _flash(q.reshape(g, 1, r * L, d), k[:, None, :t0], v[:, None, :t0], None, scale)
     return _merge(o, l, o0.view(g, r, L, d), l0.view(g, r, L))
 
 
@@ -253,23 +266,20 @@ def block_sparse_decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     width = int(cnt.max()) if cnt.numel() else 0
     if width == 0:
         return torch.zeros_like(q), torch.full((b, h, 1), float("-inf"), dtype=lse_dt)
-    live = torch.arange(width) < cnt.unsqueeze(-1)                                      # (B, H_kv, W) entries
     k_cache, v_cache = k_cache.to(dt), v_cache.to(dt)
     if width * bs > DECODE_GATHER_MAX * n:
         blocks = block_lists_to_mask(block_idx.to("cpu"), cnt, num_blocks(n, bs))       # (B, H_kv, n_b)
-        ok = blocks.repeat_interleave(bs, -1)[..., :n]
+        mask = torch.where(blocks, 0.0, float("-inf")).to(dt).repeat_interleave(bs, -1)[..., :n].unsqueeze(2)
         kc, vc = k_cache, v_cache
     else:
         sel = block_idx[..., :width].to(device="cpu", dtype=torch.int64).clamp(min=0)
         pos = (sel.unsqueeze(-1) * bs + torch.arange(bs)).reshape(b, hkv, width * bs)   # token positions
-        ok = live.repeat_interleave(bs, -1) & (pos < n)
+        ok = (torch.arange(width) < cnt.unsqueeze(-1)).repeat_interleave(bs, -1) & (pos < n)
+        mask = None if bool(ok.all()) else torch.where(ok, 0.0, float("-inf")).to(dt).unsqueeze(2)
         rows = (torch.arange(b * hkv).view(b, hkv, 1) * n + pos.clamp(max=n - 1)).reshape(-1)
         kv = _buffer("kv", (2, rows.numel(), d), dt)
         kc = torch.index_select(k_cache.reshape(b * hkv * n, d), 0, rows, out=kv[0]).view(b, hkv, width * bs, d)
         vc = torch.index_select(v_cache.reshape(b * hkv * n, d), 0, rows, out=kv[1]).view(b, hkv, width * bs, d)
-    mask = None
-    if not bool(ok.all()):
-        mask = torch.zeros(ok.shape, dtype=dt).masked_fill_(~ok, float("-inf")).unsqueeze(2)
     o, l = _flash(q.reshape(b, hkv, r, d), kc, vc, mask, scale)
     empty = cnt == 0
     if bool(empty.any()):                     # as in prefill: an empty list is lse -inf, not the kernel's 0
