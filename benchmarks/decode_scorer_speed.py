@@ -39,6 +39,8 @@ CANDIDATES = {
     "fraction": {"budget_mode": "fraction", "budget_fraction": 0.0078},     # ~16 of 2048 blocks
     "mass": {"budget_mode": "mass", "budget_mass": 0.99, "sparsity_exponent": 1.0, "budget_max_blocks": 16},
     "authors": {"preset": "authors"},
+    "rerank4": {"decode_rerank": 4},                        # Triton shortlist of 64, exact mass over its keys
+    "rerank4_dlb1": {"decode_rerank": 4, "dense_last_blocks": 1},   # (dense_last acts on prefill: same step)
 }
 
 
@@ -60,7 +62,8 @@ def summary_bytes(cfg, n: int) -> int:
         k_sketch = D if cfg.sketch_dim >= D else cfg.sketch_dim
         keys = HKV * nb * k_sketch * 4
     walk = cfg.walk_steps * nb * nb * 4 if cfg.walk_damping > 0 else 0    # r W reads the whole W per step
-    return keys + walk
+    rerank = HKV * cfg.decode_rerank * cfg.top_k_blocks * cfg.block_size * D * 2   # bf16 keys of the shortlist
+    return keys + walk + rerank
 
 
 def run_candidate(name: str, knobs: dict, n: int) -> dict:

@@ -58,7 +58,7 @@ _SEED_KNOBS: Dict[str, Any] = {
     "budget_max_blocks": 0, "window_fraction": 0.0, "sink_fraction": 0.0, "causal_scores": True,
     "score_scale": "attention", "walk_start": "identity", "decode_walk": "chain",
     "decode_window_scoring": "mean_query", "decode_transition": "latest_row", "pool_partial": "exact",
-    "key_sub_blocks": 1, "decode_keep_question": False}
+    "key_sub_blocks": 1, "decode_keep_question": False, "decode_rerank": 0}
 PRESETS: Dict[str, Dict[str, Any]] = {
     "none": {},
     "seed": dict(_SEED_KNOBS),
@@ -113,6 +113,8 @@ HELP = {
     "key_sub_blocks": "key_summary minmax: bound each block by its best of this many sub-blocks' Kmax / Kmin "
                       "(1 = the whole block)",
     "decode_keep_question": "decode also keeps the blocks the prompt's last query block chose at prefill",
+    "decode_rerank": "decode: shortlist R times the budget by the estimate, then spend the budget on the shortlist "
+                     "by the new query's exact attention mass over its keys (0 = off)",
     "preset": "apply a named configuration under the given flags: seed (the seed README's knobs), authors "
               "(the authors' released configuration) or none",
 }
@@ -162,6 +164,7 @@ class SketchWalkConfig:
     pool_partial: str = "exact"
     key_sub_blocks: int = 1
     decode_keep_question: bool = False
+    decode_rerank: int = 0
     preset: str = "none"
 
     def __post_init__(self) -> None:
@@ -174,7 +177,7 @@ class SketchWalkConfig:
         for name, low in (("sketch_dim", 1), ("top_k_blocks", 1), ("walk_steps", 1), ("decode_query_window", 1),
                           ("n_local", 1), ("dense_layers", 0), ("n_sink", 0), ("dense_last_blocks", 0),
                           ("hadamard_seed", 0), ("budget_min_blocks", 0), ("budget_max_blocks", 0),
-                          ("key_sub_blocks", 1)):
+                          ("key_sub_blocks", 1), ("decode_rerank", 0)):
             v = getattr(self, name)
             if not _is_int(v) or v < low:
                 extra = " (the diagonal block is always kept)" if name == "n_local" else ""
@@ -194,6 +197,9 @@ class SketchWalkConfig:
             setattr(self, name, float(v))
         if self.budget_max_blocks and self.budget_max_blocks < self.budget_min_blocks:
             raise bad("budget_max_blocks", f"must be 0 (no cap) or >= --budget_min_blocks {self.budget_min_blocks}")
+        if self.decode_rerank == 1:
+            raise bad("decode_rerank", "must be 0 (off) or an integer >= 2 (a shortlist of 1 x the budget is the "
+                                       "budget itself)")
         sub = self.key_sub_blocks
         if sub & (sub - 1) or self.block_size // sub < 1 or self.block_size % sub:
             raise bad("key_sub_blocks", f"must be a power of two dividing --block_size {self.block_size}")
@@ -214,7 +220,7 @@ class SketchWalkConfig:
         """{knob: why it has no effect} in this configuration (``head_dim`` makes the sketch_dim check exact)."""
         out: Dict[str, str] = {}
         walk_knobs = ("key_summary", "sparsity_exponent", "walk_damping", "walk_steps", "decode_query_window",
-                      "sketch_dim", "hadamard_seed")
+                      "sketch_dim", "hadamard_seed", "decode_rerank")
         if self.selector != "sketchwalk":
             for k in walk_knobs:
                 out[k] = f"selector {self.selector} uses no sketch or walk"
@@ -247,7 +253,7 @@ class SketchWalkConfig:
             out["decode_window_scoring"] = "decode_query_window 1: one query"
         if self.skip_decode:
             for knob in ("decode_query_window", "decode_walk", "decode_window_scoring", "decode_transition",
-                         "decode_keep_question"):
+                         "decode_keep_question", "decode_rerank"):
                 out[knob] = "skip_decode: decode is dense"
         return out
 

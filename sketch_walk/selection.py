@@ -143,6 +143,14 @@ class RowRule:
             most = forced + (self.max_blocks or n_b)
         return max_kept_for(n_b, most, dense_last)
 
+    def widened(self, factor: int) -> "RowRule":
+        """The shortlist rule of decode_rerank R: R times the budget (top_k, fraction capped at 1, the floor and the
+        cap; a mass budget leaves R times less mass out, 1 - (1 - p) / R)."""
+        return dataclasses.replace(
+            self, top_k=self.top_k * factor, fraction=min(1.0, self.fraction * factor),
+            mass=1.0 - (1.0 - self.mass) / factor, min_blocks=self.min_blocks * factor,
+            max_blocks=self.max_blocks * factor)
+
 
 def row_rule(config, n_tokens: int, decode: bool) -> RowRule:
     """The :class:`RowRule` of a :class:`sketch_walk.config.SketchWalkConfig` for a context of ``n_tokens``.
@@ -308,4 +316,33 @@ def oracle_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: 
     return out
 
 
-__all__ = ["select_blocks", "select_by_rule", "row_rule", "RowRule", "max_kept_for", "expand_to_kv_heads", "local_scores", "oracle_block_mass"]
+def shortlist_block_mass(query: torch.Tensor, key_cache: torch.Tensor, block_idx: torch.Tensor, block_size: int,
+                         scale: float, select_per: str = "layer") -> torch.Tensor:
+    """The exact attention mass of one decode query over the blocks of a shortlist (decode_rerank's scores).
+
+    query (B, H, 1, d), key_cache (B, H_kv, N, d), block_idx (B, H_kv, W) int (-1 padded): the shortlisted blocks
+    of each key head. For head h of key head g: M_h[j] = sum_{s in block j} softmax_s(q_h . k_s * scale), the
+    softmax taken over the keys of g's shortlist only (the oracle's decode mass, restricted to the shortlist);
+    then the mean over g's query group, and with select_per "layer" over all heads. Returns (B, G', n_b) fp32,
+    zero off the shortlist. Reads W * block_size keys per key head (no values), no host sync.
+    """
+    b, h, _, d = query.shape
+    hkv, n = key_cache.shape[1], key_cache.shape[2]
+    r, bs, w = h // hkv, block_size, block_idx.shape[-1]
+    nb = num_blocks(n, bs)
+    blk = block_idx.long()
+    pos = blk.clamp_min(0).unsqueeze(-1) * bs + torch.arange(bs, device=query.device)        # (B, H_kv, W, bs)
+    valid = (blk >= 0).unsqueeze(-1) & (pos < n)
+    pos = pos.clamp_max(n - 1).view(b, hkv, w * bs)
+    keys = torch.gather(key_cache, 2, pos.unsqueeze(-1).expand(b, hkv, w * bs, d))             # (B, H_kv, W bs, d)
+    logits = torch.einsum("bgrd,bgtd->bgrt", query.view(b, hkv, r, d).float(), keys.float()) * scale
+    logits = logits.masked_fill(~valid.view(b, hkv, 1, w * bs), float("-inf"))
+    mass = torch.softmax(logits, dim=-1).view(b, hkv, r, w, bs).sum(-1).mean(dim=2)          # (B, H_kv, W)
+    out = torch.zeros(b, hkv, nb + 1, dtype=torch.float32, device=query.device)
+    out.scatter_(-1, torch.where(blk < 0, nb, blk), mass)
+    out = out[..., :nb]
+    return out.mean(dim=1, keepdim=True) if select_per == "layer" else out
+
+
+__all__ = ["select_blocks", "select_by_rule", "row_rule", "RowRule", "max_kept_for", "expand_to_kv_heads", "local_scores", "oracle_block_mass",
+           "shortlist_block_mass"]

@@ -8,7 +8,9 @@ Decode, one new token per step (unless the hook runs decode dense):
   update the current block's running K sum / count (and max / min) from the new key only, in O(d);
   re-sketch that one block (O(d k)); score the new query (or the mean of the last
   ``decode_query_window`` queries) against every block summary; head mean, sharpen, walk with
-  r_l = rownorm((1 - beta) w_l + beta r_{l-1} W_l_cache); select afresh at every step.
+  r_l = rownorm((1 - beta) w_l + beta r_{l-1} W_l_cache); select afresh at every step; with decode_rerank R the
+  estimate only shortlists R times the budget and the new query's exact attention mass over the shortlist's keys
+  picks the budget from it (O(R budget B d) more per step: keys, no values).
   Cost per layer and step: O(n_b d) for the scores and O(n_b^2) for the walk term (skipped when
   walk_damping is 0); the prefill's sketch is never recomputed.
 
@@ -53,7 +55,8 @@ from .core.block_summary import RunningBlockSummary, block_mean, block_sum, grow
 from .core.contract import BlockLists, BlockSelector, check_decode_step
 from .core.errors import UsageError
 from .core.hook import SparseAttentionSession, enable_sparse_attention
-from .selection import expand_to_kv_heads, local_scores, oracle_block_mass, row_rule, select_by_rule
+from .selection import (expand_to_kv_heads, local_scores, oracle_block_mass, row_rule, select_by_rule,
+                        shortlist_block_mass)
 from .sketch import (authors_score_scale, layer_seed, max_over_sub_blocks, scores_mean, scores_minmax, srht,
                      srht_matrix)
 from .walk import (block_transition, causal_block_mask, kv_chunk_size, running_transition_update, sharpen, walk_row,
@@ -176,11 +179,25 @@ class SketchWalkSelector(BlockSelector):
         return self._scale(module, d)
 
     def _lists(self, r_scores: torch.Tensor, row_ids: torch.Tensor, n_kv: int, dense_last: int, n_tokens: int,
-               decode: bool, extra: Optional[torch.Tensor] = None, extra_width: int = 0) -> BlockLists:
-        """Step 7 with the configured budget (:func:`sketch_walk.selection.row_rule` for this context length)."""
+               decode: bool, extra: Optional[torch.Tensor] = None, extra_width: int = 0, widen: int = 0) -> BlockLists:
+        """Step 7 with the configured budget (:func:`sketch_walk.selection.row_rule` for this context length);
+        ``widen`` R > 0: R times that budget (decode_rerank's shortlist)."""
         rule = row_rule(self.config, n_tokens, decode)
+        if widen:
+            rule = rule.widened(widen)
         idx, cnt = select_by_rule(r_scores, row_ids, rule, dense_last, extra, extra_width)
         return expand_to_kv_heads(idx, cnt, n_kv)
+
+    def _rerank(self, query: torch.Tensor, key_cache: torch.Tensor, shortlist: torch.Tensor, scale: float,
+                extra: Optional[torch.Tensor] = None, extra_width: int = 0) -> BlockLists:
+        """decode_rerank: the configured budget spent on the shortlist (B, H_kv, W) by the new query's exact attention
+        mass over the shortlist's keys (:func:`sketch_walk.selection.shortlist_block_mass`); forced blocks stay."""
+        c = self.config
+        n_keys = key_cache.shape[2]
+        row = torch.full((1,), num_blocks(n_keys, c.block_size) - 1, dtype=torch.long, device=query.device)
+        mass = shortlist_block_mass(query, key_cache, shortlist, c.block_size, scale, c.select_per)
+        idx, cnt = self._lists(mass.unsqueeze(-2), row, key_cache.shape[1], 0, n_keys, True, extra, extra_width)
+        return idx.squeeze(-2), cnt.squeeze(-1)
 
     def _question_blocks(self, walk: torch.Tensor, n_tokens: int) -> Tuple[torch.Tensor, int]:
         """The blocks the prompt's last query block keeps under the budget (dense_last aside): (B, G', n_b) bool and
@@ -333,7 +350,8 @@ class SketchWalkSelector(BlockSelector):
         check_decode_step("Sketch&Walk", layer_idx, None if st is None else st.keys.n, n_keys, "decode state",
                           "every prompt must go through the sparse prefill first")
         if self._fused_decode(query.device):
-            return self._select_decode_fused(layer_idx, st, query, key_cache, self._score_scale(module, d))
+            idx, cnt = self._select_decode_fused(layer_idx, st, query, key_cache, self._score_scale(module, d))
+            return self._rerank(query, key_cache, idx, scale) if c.decode_rerank else (idx, cnt)
         s_mat = self._srht(layer_idx, d, query.device) if c.key_summary == "mean" else None
         st.append_key(key_cache[:, :, -1], s_mat)
 
@@ -371,6 +389,9 @@ class SketchWalkSelector(BlockSelector):
         else:
             rr = w
         extra = None if st.question is None else st.question[:, :, :nb].unsqueeze(-2)
+        if c.decode_rerank:
+            short, _ = self._lists(rr.unsqueeze(-2), row, hkv, 0, n_keys, True, widen=c.decode_rerank)
+            return self._rerank(query, key_cache, short.squeeze(-2), scale, extra, st.question_width)
         idx, cnt = self._lists(rr.unsqueeze(-2), row, hkv, 0, n_keys, True, extra, st.question_width)
         return idx.squeeze(-2), cnt.squeeze(-1)
 
@@ -404,7 +425,8 @@ class SketchWalkSelector(BlockSelector):
         prev = self.state.decode_r if walk and self.state.decode_r_len == n_keys else None
         idx, cnt, rr = decode_select_triton(
             q_in, summ_a, summ_b, nb, scale, select_per=c.select_per, sparsity_exponent=c.sparsity_exponent,
-            walk_damping=c.walk_damping, n_sink=c.n_sink, n_local=c.n_local, top_k_blocks=c.top_k_blocks,
+            walk_damping=c.walk_damping, n_sink=c.n_sink, n_local=c.n_local,
+            top_k_blocks=c.top_k_blocks * max(1, c.decode_rerank),                   # decode_rerank: the shortlist
             w_cache=st.w_cache if walk else None, r_prev=prev, k_new=key_cache[:, :, -1] if minmax else None,
             counts=st.keys.counts if minmax else None, new_block=new_block)
         if walk:

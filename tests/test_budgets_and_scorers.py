@@ -119,6 +119,8 @@ CANDIDATES = {
     "question": {"decode_keep_question": True},
     "fraction_kv_head": {"budget_mode": "fraction", "select_per": "kv_head", "window_fraction": 0.1},
     "mass": {"budget_mode": "mass", "budget_mass": 0.8, "budget_max_blocks": 3, "sink_fraction": 0.05},
+    "rerank": {"decode_rerank": 3},
+    "rerank_authors": {"preset": "authors", "block_size": 16, "decode_rerank": 2},
 }
 
 

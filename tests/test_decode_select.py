@@ -60,6 +60,7 @@ SELECTOR_CASES: List[Dict] = [
     dict(name="minmax_kvhead_window3", select_per="kv_head", decode_query_window=3),
     dict(name="mean_layer", key_summary="mean", sketch_dim=16),
     dict(name="minmax_one_hop", walk_damping=0.0),
+    dict(name="minmax_kvhead_rerank2", select_per="kv_head", decode_rerank=2),   # the shortlist from the kernels
 ]
 
 

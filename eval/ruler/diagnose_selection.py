@@ -86,6 +86,11 @@ VARIANTS = {
     "fraction": {"budget_mode": "fraction"},
     "mass": {"budget_mode": "mass", "budget_mass": 0.99, "sparsity_exponent": 1.0, "budget_max_blocks": 16},
     "authors": {"preset": "authors", "dense_last_blocks": 0},
+    # decode_rerank: the estimate shortlists R x the budget, the query's exact mass over its keys spends it
+    "rerank2": {"decode_rerank": 2},
+    "rerank4": {"decode_rerank": 4},
+    "rerank8": {"decode_rerank": 8},
+    "authors_rerank4": {"preset": "authors", "dense_last_blocks": 0, "decode_rerank": 4},
 }
 DEFAULT_VARIANTS = ["sketchwalk", "sketchwalk_onehop", "sketchwalk_mean", "sketchwalk_mean_onehop", "oracle", "local"]
 PROBES = ["pooled_minmax_onehop", "perquery_max_minmax", "perquery_exact_blockmax", "pooled_exact",
