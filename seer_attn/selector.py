@@ -147,6 +147,10 @@ def decode_mask(scores: torch.Tensor, cfg: SeerAttnConfig) -> torch.Tensor:
 
 class SeerAttnSelector(BlockSelector):
     name = "seer_attn"
+    #: padded batches: the hook runs each sequence alone, with its own gate key caches and its row of the captured
+    #: pre-RoPE q / k (:meth:`focus_row`)
+    padded_batches = True
+    row_state_attrs = ("_cache",)
 
     def __init__(self, cfg: SeerAttnConfig, gates: SeerAttnGates, checkpoint: Optional[str] = None):
         self.cfg = cfg
@@ -159,6 +163,8 @@ class SeerAttnSelector(BlockSelector):
         self._cache: Dict[int, GateKeyCache] = {}
         self._diag_t: Optional[torch.Tensor] = None
         self._free_cfg = cfg.with_knobs(keep_diagonal=False, last_block_dense=False)
+        self._row: Optional[int] = None          # padded batches: the batch row selected for (focus_row)
+        self._rows = 1
 
     # -- set-up --------------------------------------------------------------------------------
     def attach(self, model) -> None:
@@ -193,6 +199,9 @@ class SeerAttnSelector(BlockSelector):
     def is_sparse_layer(self, layer_idx: int) -> bool:
         return layer_idx in self.gates
 
+    def focus_row(self, row: Optional[int], rows: int) -> None:
+        self._row, self._rows = row, rows
+
     # -- captured inputs -----------------------------------------------------------------------
     def _pre_rope(self, layer_idx: int, module, q_len: int):
         attn = self._attn_modules.get(layer_idx, module)
@@ -201,8 +210,11 @@ class SeerAttnSelector(BlockSelector):
         if q is None or k is None:
             raise RuntimeError(f"SeerAttn layer {layer_idx}: no pre-RoPE q/k captured from q_proj/k_proj; "
                                f"was the selector attached to this model (enable_seer_attn)?")
-        for a in (Q_ATTR, K_ATTR):
-            delattr(attn, a)
+        if self._row is None or self._row == self._rows - 1:       # the batch's last use of them
+            for a in (Q_ATTR, K_ATTR):
+                delattr(attn, a)
+        if self._row is not None:            # a padded batch: this row's own tokens, the last q_len (left padding)
+            q, k = (x[self._row:self._row + 1, :, x.shape[2] - q_len:] for x in (q, k))
         n = q.shape[2]                                   # (B, H, n, d), see _keep_output
         if n != q_len:
             raise RuntimeError(f"SeerAttn layer {layer_idx}: captured {n} pre-RoPE queries, attention got {q_len}")

@@ -134,6 +134,9 @@ class SketchWalkSelector(BlockSelector):
     #: (Triton kernels of :mod:`sketch_walk.kernels.prefill_selection` / :mod:`sketch_walk.kernels.decode_select`
     #: on CUDA, torch elsewhere); "torch" / "triton" force one
     backend: Optional[str] = None
+    #: padded batches: the hook runs each sequence alone with its own :class:`SketchWalkState` (sketch_walk.core.hook)
+    padded_batches = True
+    row_state_attrs = ("state",)
 
     def __init__(self, config: Optional[SketchWalkConfig] = None):
         self.config = config or SketchWalkConfig()

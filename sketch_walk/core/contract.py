@@ -37,6 +37,13 @@ class BlockSelector:
 
     name: str = "base"
     block_size: int = 64
+    #: whether the hook may run a left-padded batch through this selector: it then selects for each sequence alone, on
+    #: that sequence's own tokens, with that sequence's own state (:meth:`row_state`; :mod:`sketch_walk.core.hook`,
+    #: "Padded batches"). False: padded batches are refused (equal-length batches still run as one)
+    padded_batches: bool = False
+    #: names of the attributes holding the per-sequence state (everything :meth:`reset` replaces), which the hook swaps
+    #: in and out between the sequences of a padded batch
+    row_state_attrs: Tuple[str, ...] = ()
 
     def attach(self, model) -> None:
         """Called once when the hook is enabled on ``model`` (e.g. to register forward hooks)."""
@@ -46,6 +53,20 @@ class BlockSelector:
 
     def reset(self, batch_size: int) -> None:
         """Forget all per-sequence state: called before every new prompt (batch)."""
+
+    def row_state(self) -> Dict[str, Any]:
+        """The per-sequence state (the attributes :attr:`row_state_attrs` names), for :meth:`set_row_state`."""
+        return {a: getattr(self, a) for a in self.row_state_attrs}
+
+    def set_row_state(self, state: Dict[str, Any]) -> None:
+        """Make ``state`` (from :meth:`row_state`) the current per-sequence state."""
+        for a, v in state.items():
+            setattr(self, a, v)
+
+    def focus_row(self, row: Optional[int], rows: int) -> None:
+        """Padded batches: the next ``select_*`` calls are for batch row ``row`` alone (of ``rows``), and the query and
+        key they get are that sequence's own tokens (batch 1); ``None``: the whole batch again. A selector that reads
+        other tensors of the call (SeerAttn's pre-RoPE q and k) takes that row's part of them."""
 
     def is_sparse_layer(self, layer_idx: int) -> bool:
         """False for layers that stay dense (e.g. the first ``dense_layers``)."""

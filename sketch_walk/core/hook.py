@@ -20,9 +20,23 @@ What runs, per attention call (query (B, H, q_len, d), key / value (B, H_kv, k_l
   the gathered kept blocks on the CPU);
 * a sparse layer, decode (q_len == 1 < k_len) -> dense SDPA when ``skip_decode``, else
   ``selector.select_decode`` then :func:`sketch_walk.core.block_sparse.block_sparse_decode`.
-Refused with a :class:`UsageError`: attention masks that are not plain causal (padded batches,
-custom masks) and chunked prefill (1 < q_len < k_len) in sparse layers, logit soft-capping in
-sparse layers. Batches of equal-length prompts work (every list is per sequence).
+Refused with a :class:`UsageError`: attention masks that are neither plain causal nor a left-padded causal batch
+(right padding, custom masks), and chunked prefill (1 < q_len < k_len) in sparse layers, logit soft-capping in
+sparse layers. Batches of equal-length prompts run as one (every list is per sequence).
+
+Padded batches. Prompts of different lengths arrive left-padded to the longest, T tokens (as
+eval/ruler/pred/model_wrappers.py and ``generate`` pad them), with a mask that hides the padding and position ids
+counted from each sequence's first real token, so every real token has its batch-1 position. No single block grid
+fits every sequence of such a tensor: sequence i's tokens start at p_i = T - n_i, a multiple of the block size only
+when all lengths agree modulo it. So the hook never selects on the padded grid. The model's forward stays one pass
+over the batch (projections, MLPs, dense and sliding-window layers under the padding mask, exactly as a dense batch
+runs); in a sparse layer the session takes each sequence's own tokens, views of q, k, v from p_i on (p_i read once
+per prompt from the mask's diagonal), and runs the selector and the block-sparse kernel on them exactly as at batch
+1: its own block grid, its own lists, its own selector state (:meth:`BlockSelector.row_state`, swapped in for it);
+decode takes the sequence's cache from p_i on. Padded queries get zeros; padded keys and queries enter no block
+summary, score, walk, kept list or attended set. Density is counted per sequence on its real tokens
+(:meth:`SparseAttentionSession.report` ``row``), equal to its batch-1 report. The price: one selection and one kernel
+call per sequence and sparse layer (everything else batched). Selectors without ``padded_batches`` are refused.
 
 The selector's per-sequence state is reset automatically at each new prompt (a prefill call of the
 first attention layer). Density (docs/ALGORITHM.md "Density, as reported") is measured from the lists the
@@ -84,24 +98,49 @@ def _window_pairs(n: int, w: int) -> float:
     return w * (w + 1) / 2 + (n - w) * w
 
 
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """A bool or additive float attention mask -> bool (True: attended)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 def _is_plain_causal(mask: torch.Tensor, q_len: int, k_len: int, window: Optional[int] = None,
-                     rows_per_chunk: int = 2048) -> bool:
+                     rows_per_chunk: int = 2048, starts: Optional[List[int]] = None) -> bool:
     """Whether a 4D attention mask (bool, or additive float) allows exactly the bottom-right causal pattern
-    (with ``window``: only the keys t-w+1..t of query t, a sliding-window layer's pattern). Compared in
-    chunks of query rows, so the check's temporaries stay at rows_per_chunk x k_len (a 32K-token prompt's
-    whole pattern would be 1 GiB of bools)."""
+    (with ``window``: only the keys t-w+1..t of query t, a sliding-window layer's pattern). ``starts``: a left-padded
+    batch, sequence b's tokens from position starts[b] on: its real queries must see exactly the causal keys from
+    starts[b] on (its padded queries are not looked at). Compared in chunks of query rows, so the check's temporaries
+    stay at rows_per_chunk x k_len (a 32K-token prompt's whole pattern would be 1 GiB of bools)."""
     mask = mask[..., -q_len:, -k_len:]
     kpos = torch.arange(k_len, device=mask.device)
+    first = None if starts is None else torch.tensor(starts, device=mask.device).view(-1, 1, 1, 1)
     for r0 in range(0, q_len, rows_per_chunk):
         part = mask[..., r0:r0 + rows_per_chunk, :]
-        allowed = part if part.dtype == torch.bool else part > torch.finfo(part.dtype).min / 2
+        allowed = _allowed(part)
         qpos = torch.arange(k_len - q_len + r0, k_len - q_len + r0 + part.shape[-2], device=mask.device).unsqueeze(-1)
         pattern = kpos <= qpos
         if window:
             pattern &= kpos > qpos - window
-        if not torch.equal(allowed, pattern.expand_as(allowed)):
+        if first is not None:
+            if allowed.dim() != 4 or allowed.shape[0] not in (1, first.shape[0]):
+                return False
+            same = (allowed == (pattern & (kpos >= first))) | (qpos < first)      # padded query rows: anything
+            if not bool(same.all()):
+                return False
+        elif not torch.equal(allowed, pattern.expand_as(allowed)):
             return False
     return True
+
+
+def _left_pads(mask: Optional[torch.Tensor], batch: int, n: int) -> Optional[List[int]]:
+    """A prompt's mask (queries = keys = n) -> the padding before each sequence's first real token, or None when no
+    sequence is padded. A real query always sees itself and a padded one nothing, so the mask's diagonal marks the
+    real tokens, for full-attention and sliding-window masks alike; whether they are really one run at the end of each
+    row (left padding) is checked against the whole mask at the sparse layers (:func:`_is_plain_causal`)."""
+    if mask is None or mask.dim() != 4:
+        return None
+    real = _allowed(mask[:, 0, -n:, -n:].diagonal(dim1=-2, dim2=-1))          # (B or 1, n)
+    pads = (~real).int().cumprod(dim=-1).sum(-1).expand(batch).tolist()    # leading padded positions
+    return pads if any(pads) else None
 
 
 class SparseAttentionSession:
@@ -128,29 +167,51 @@ class SparseAttentionSession:
         self._per_forward: Dict[tuple, Any] = {}
         self.reset()
 
+    @property
+    def padded_batches(self) -> bool:
+        """Whether left-padded batches run (the selector's :attr:`BlockSelector.padded_batches`)."""
+        return bool(self.selector.padded_batches)
+
     # -- bookkeeping ------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the selector's per-sequence state and every density counter."""
         self.selector.reset(0)
         self._seq_len = 0
-        self._pre: Dict[int, List[Any]] = {}      # layer -> [attended (tensor or float), causal float]
-        self._dec: Dict[int, List[Any]] = {}
+        self._pads: Optional[List[int]] = None    # a left-padded batch: each sequence's padding (None: no padding)
+        self._row_states: List[Dict[str, Any]] = []
+        # layer -> [attended, causal], each (B,) float64 per sequence of the batch (attended on its device: no sync)
+        self._pre: Dict[int, List[torch.Tensor]] = {}
+        self._dec: Dict[int, List[torch.Tensor]] = {}
         self.prefill_tokens = 0
         self.decode_steps = 0
         self.prompts = 0
 
     @staticmethod
-    def _add(table: Dict[int, List[Any]], layer: int, attended, causal: float) -> None:
-        row = table.setdefault(layer, [0.0, 0.0])
-        row[0] = row[0] + attended
-        row[1] += causal
+    def _add(table: Dict[int, List[torch.Tensor]], layer: int, attended, causal: List[float]) -> None:
+        """Add one call's pairs, per sequence of the batch: ``attended`` a (B,) float64 tensor (left on its device) or B
+        floats, ``causal`` B floats. A batch of another size since the last reset adds row by row."""
+        if not torch.is_tensor(attended):
+            attended = torch.tensor(attended, dtype=torch.float64)
+        causal = torch.tensor(causal, dtype=torch.float64)
+        row = table.get(layer)
+        if row is None:
+            table[layer] = [attended, causal]
+            return
+        for k, new in enumerate((attended, causal)):
+            old = row[k]
+            if old.shape != new.shape:
+                n = max(old.shape[0], new.shape[0])
+                old = torch.nn.functional.pad(old, (0, n - old.shape[0]))
+                new = torch.nn.functional.pad(new.to(old.device), (0, n - new.shape[0]))
+            row[k] = old + new
 
     @staticmethod
     def _ratio(att, cau) -> Optional[float]:
         return None if not cau else float(att) / cau
 
-    def report(self) -> Dict[str, Any]:
-        """Measured density since the last reset: attended (query, key) pairs / causal pairs.
+    def report(self, row: Optional[int] = None) -> Dict[str, Any]:
+        """Measured density since the last reset: attended (query, key) pairs / causal pairs; ``row``: of that sequence
+        of the batch alone (equal to its batch-1 report), else of every sequence together.
 
         prefill: over every layer of every prompt; decode: over every layer of every decode step;
         overall: both together; density_per_layer (prefill) and density_per_layer_decode: one value per
@@ -159,31 +220,38 @@ class SparseAttentionSession:
         {kind: {prefill, decode, overall, layers}} over the layers of that kind (a sliding-window layer's
         density is its window's pairs / causal pairs, e.g. Gemma-3's 512-token window at 4K: 0.23).
         """
+        def cell(v):
+            if row is None:
+                return float(v[0].sum()), float(v[1].sum())
+            return tuple(float(t[row]) if row < t.shape[0] else 0.0 for t in v)
+
+        pre = {l: cell(v) for l, v in self._pre.items()}
+        dec = {l: cell(v) for l, v in self._dec.items()}
+
         def totals(table, layers=None):
             rows = [v for l, v in table.items() if layers is None or l in layers]
-            att = sum(float(v[0]) for v in rows)
+            att = sum(v[0] for v in rows)
             cau = sum(v[1] for v in rows)
             return att, cau
 
-        pa, pc = totals(self._pre)
-        da, dc = totals(self._dec)
+        pa, pc = totals(pre)
+        da, dc = totals(dec)
         kinds = {l: self._layer_kind(l) for l in self.layer_ids}
         by_kind = {}
         for kind in ("sparse", "dense", "sliding"):
             layers = {l for l, k in kinds.items() if k == kind}
             if not layers:
                 continue
-            kpa, kpc = totals(self._pre, layers)
-            kda, kdc = totals(self._dec, layers)
+            kpa, kpc = totals(pre, layers)
+            kda, kdc = totals(dec, layers)
             by_kind[kind] = {"prefill": self._ratio(kpa, kpc), "decode": self._ratio(kda, kdc),
                              "overall": self._ratio(kpa + kda, kpc + kdc), "layers": sorted(layers)}
         return {
             "prefill": self._ratio(pa, pc),
             "decode": self._ratio(da, dc),
             "overall": self._ratio(pa + da, pc + dc),
-            "density_per_layer": [self._ratio(*self._pre[l]) if l in self._pre else None for l in self.layer_ids],
-            "density_per_layer_decode": [self._ratio(*self._dec[l]) if l in self._dec else None
-                                         for l in self.layer_ids],
+            "density_per_layer": [self._ratio(*pre[l]) if l in pre else None for l in self.layer_ids],
+            "density_per_layer_decode": [self._ratio(*dec[l]) if l in dec else None for l in self.layer_ids],
             "prompts": self.prompts,
             "prefill_tokens": self.prefill_tokens,
             "decode_steps": self.decode_steps,
@@ -236,10 +304,16 @@ class SparseAttentionSession:
             # masks and window lists are the same for every layer of one forward pass: computed once
             self._per_forward = {}
             if q_len == k_len:                             # a new prompt
+                self._pads = _left_pads(attention_mask, b, q_len)
+                self._row_states = []
+                if self._pads is not None and self.selector.padded_batches:
+                    for _ in range(b):                     # one fresh state per sequence
+                        self.selector.reset(1)
+                        self._row_states.append(self.selector.row_state())
                 self.selector.reset(b)
                 self._seq_len = q_len
                 self.prompts += 1
-                self.prefill_tokens += q_len * b
+                self.prefill_tokens += q_len * b - sum(self._pads or [])
             else:
                 self._seq_len += q_len
                 if q_len == 1:
@@ -249,7 +323,7 @@ class SparseAttentionSession:
         decode = q_len == 1 and k_len > 1
         dense_decode = decode and self.skip_decode
         if not sparse or dense_decode:
-            self._count_dense(layer, b * hkv, q_len, k_len, window)
+            self._count_dense(layer, b, hkv, q_len, k_len, window)
             if window and q_len == k_len and self._window_kernel(query, attention_mask, q_len, window, kwargs):
                 # the layer's own window through the block-sparse kernel: the same attention, without the
                 # L x L work that SDPA does under a materialised sliding mask
@@ -267,20 +341,66 @@ class SparseAttentionSession:
                              f"prefill or a reused prompt cache is not supported; pass the whole prompt at once")
         if kwargs.get("softcap") is not None:
             raise UsageError(f"sparse attention (layer {layer}): attention logit soft-capping is not supported")
-        if attention_mask is not None and not self._mask_is_causal(attention_mask, q_len, k_len):
-            raise UsageError("sparse attention does not support padded batches (or custom attention masks): run "
-                             "prompts one at a time, or batch prompts of equal length without padding")
+        if attention_mask is not None and not self._mask_is_causal(attention_mask, q_len, k_len, starts=self._pads):
+            raise UsageError("sparse attention runs plain causal masks and left-padded batches only, not right padding "
+                             "or a custom attention mask: pad prompts on the left (position ids from the first real "
+                             "token), or run them one at a time")
+        if self._pads is not None:
+            return self._rows_forward(layer, module, query, key, value, scaling, decode)
         bs = self.selector.block_size
         if not decode:
             idx, cnt = self.selector.select_prefill(layer, module, query, key)
             out, _ = block_sparse_attention(query, key, value, idx, cnt, bs, sm_scale=scaling, backend=self.backend)
-            self._add(self._pre, layer, attended_pairs_prefill(idx, cnt, q_len, bs).sum(),
-                      causal_pairs(q_len) * b * hkv)
+            self._add(self._pre, layer, attended_pairs_prefill(idx, cnt, q_len, bs).sum(-1),
+                      [causal_pairs(q_len) * hkv] * b)
         else:
             idx, cnt = self.selector.select_decode(layer, module, query, key)
             out, _ = block_sparse_decode(query, key, value, idx, cnt, bs, sm_scale=scaling, backend=self.backend)
-            self._add(self._dec, layer, attended_keys_decode(idx, cnt, k_len, bs).sum(), float(k_len * b * hkv))
+            self._add(self._dec, layer, attended_keys_decode(idx, cnt, k_len, bs).sum(-1), [float(k_len * hkv)] * b)
         return out.transpose(1, 2).contiguous(), None
+
+    def _rows_forward(self, layer: int, module, query, key, value, scaling, decode: bool):
+        """A sparse layer of a left-padded batch (module docstring, "Padded batches"): each sequence alone, on its own
+        tokens (views from its first real position), with its own selector state, exactly as at batch 1. Returns the
+        attention output (B, q_len, H, d); padded queries get zeros."""
+        sel = self.selector
+        b, h, q_len, d = query.shape
+        hkv, k_len = key.shape[1], key.shape[2]
+        if not sel.padded_batches:
+            raise UsageError(f"selector '{sel.name}' does not run padded batches (BlockSelector.padded_batches): run "
+                             f"prompts one at a time, or batch prompts of equal length")
+        if len(self._pads) != b or len(self._row_states) != b:
+            raise RuntimeError(f"sparse attention (layer {layer}): a batch of {b} after a prompt batch of "
+                               f"{len(self._pads)}; a new prompt must go through the prefill first")
+        bs = sel.block_size
+        out = query.new_zeros(b, q_len, h, d)
+        attended = []
+        try:
+            for i, pad in enumerate(self._pads):
+                sel.set_row_state(self._row_states[i])
+                sel.focus_row(i, b)
+                k_i, v_i = key[i:i + 1, :, pad:], value[i:i + 1, :, pad:]
+                n_i = k_len - pad
+                if decode:
+                    q_i = query[i:i + 1]
+                    idx, cnt = sel.select_decode(layer, module, q_i, k_i)
+                    o, _ = block_sparse_decode(q_i, k_i, v_i, idx, cnt, bs, sm_scale=scaling, backend=self.backend)
+                    attended.append(attended_keys_decode(idx, cnt, n_i, bs).sum(-1))
+                    out[i] = o[0].transpose(0, 1)
+                else:
+                    q_i = query[i:i + 1, :, pad:]
+                    idx, cnt = sel.select_prefill(layer, module, q_i, k_i)
+                    o, _ = block_sparse_attention(q_i, k_i, v_i, idx, cnt, bs, sm_scale=scaling, backend=self.backend)
+                    attended.append(attended_pairs_prefill(idx, cnt, n_i, bs).sum(-1))
+                    out[i, pad:] = o[0].transpose(0, 1)
+                self._row_states[i] = sel.row_state()
+        finally:
+            sel.focus_row(None, b)
+        if decode:
+            self._add(self._dec, layer, torch.cat(attended), [float((k_len - p) * hkv) for p in self._pads])
+        else:
+            self._add(self._pre, layer, torch.cat(attended), [causal_pairs(k_len - p) * hkv for p in self._pads])
+        return out, None
 
     def _window_kernel(self, query, attention_mask, q_len: int, window: int, kwargs) -> bool:
         """Whether a sliding-window layer's prefill goes through the Triton block-sparse kernel: on the Triton
@@ -298,22 +418,30 @@ class SparseAttentionSession:
             self._per_forward[key] = make()
         return self._per_forward[key]
 
-    def _mask_is_causal(self, mask: torch.Tensor, q_len: int, k_len: int, window: Optional[int] = None) -> bool:
+    def _mask_is_causal(self, mask: torch.Tensor, q_len: int, k_len: int, window: Optional[int] = None,
+                        starts: Optional[List[int]] = None) -> bool:
         """:func:`_is_plain_causal` of this pass's mask, checked once per pass (a 32K prompt's mask is 1 GiB)."""
-        key = ("causal", mask.data_ptr(), tuple(mask.shape), mask.dtype, q_len, k_len, window)
-        return self._once(key, lambda: _is_plain_causal(mask, q_len, k_len, window))
+        key = ("causal", mask.data_ptr(), tuple(mask.shape), mask.dtype, q_len, k_len, window,
+               None if starts is None else tuple(starts))
+        return self._once(key, lambda: _is_plain_causal(mask, q_len, k_len, window, starts=starts))
 
-    def _count_dense(self, layer: int, units: int, q_len: int, k_len: int, window: Optional[int]) -> None:
-        if q_len == k_len:
-            causal = causal_pairs(q_len)
-            att = _window_pairs(q_len, window) if window else causal
-            self._add(self._pre, layer, att * units, causal * units)
-        else:   # decode (or chunked prefill in a dense layer): q_len queries at the end of the sequence
-            total = max(self._seq_len, k_len)
-            causal = sum(total - q_len + 1 + t for t in range(q_len))
-            att = sum(min(total - q_len + 1 + t, window) for t in range(q_len)) if window else causal
-            table = self._dec if q_len == 1 else self._pre
-            self._add(table, layer, float(att * units), float(causal * units))
+    def _count_dense(self, layer: int, batch: int, units: int, q_len: int, k_len: int, window: Optional[int]) -> None:
+        """Pairs of a layer that attends densely (or its window), per sequence of the batch (``units`` key heads
+        each), on each sequence's real tokens (a padded batch's padding left out)."""
+        att_rows, causal_rows = [], []
+        for pad in (self._pads or [0] * batch):
+            if q_len == k_len:
+                n = q_len - pad
+                causal = causal_pairs(n)
+                att = _window_pairs(n, window) if window else causal
+            else:   # decode (or chunked prefill in a dense layer): q_len queries at the end of the sequence
+                total = max(self._seq_len, k_len) - pad
+                causal = sum(total - q_len + 1 + t for t in range(q_len))
+                att = sum(min(total - q_len + 1 + t, window) for t in range(q_len)) if window else causal
+            att_rows.append(float(att * units))
+            causal_rows.append(float(causal * units))
+        table = self._pre if q_len == k_len or q_len > 1 else self._dec
+        self._add(table, layer, att_rows, causal_rows)
 
 
 def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

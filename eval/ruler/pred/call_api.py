@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random_seed", type=int, default=0)
     parser.add_argument("--stop_words", type=str, default="", help="comma-separated stop strings")
     parser.add_argument("--threads", type=int, default=4, help="accepted for RULER compatibility; local models use 1")
-    parser.add_argument("--batch_size", type=int, default=1, help="prompts per forward (left padded; dense only)")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="prompts per forward (left padded; sparse methods select per prompt, as at batch 1)")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the task's tokens_to_generate")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="an untimed generation of the first prompt before timing: its whole max_new_tokens on a GPU, 2 tokens on the CPU (default on)")
@@ -536,7 +537,8 @@ def _execute_locked(plan: Plan, llm) -> Path:
     else:
         llm.max_new_tokens = plan.max_new_tokens
     llm.max_prompt_tokens = keep_tokens
-    if plan.server.sparse and args.batch_size > 1:
+    batches = getattr(getattr(llm, "session", None), "padded_batches", False)   # sparse sessions that select per row
+    if plan.server.sparse and args.batch_size > 1 and not batches:
         warn(f"--server_type {plan.server_type} runs one prompt at a time (per-sample state and density); "
              f"--batch_size {args.batch_size} only groups them")
 

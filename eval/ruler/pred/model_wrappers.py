@@ -245,9 +245,11 @@ class HuggingFaceModel:
     def process_batch(self, prompts: List[str], **kwargs) -> List[Dict[str, Any]]:
         if not prompts:
             return []
-        if self.session is None or len(prompts) == 1:
+        if self.session is None or len(prompts) == 1 or getattr(self.session, "padded_batches", False):
+            # one left-padded batch; a sparse session selects and counts density per sequence (its own state and
+            # block grid: sketch_walk.core.hook, "Padded batches"), so each prompt gets what it gets alone
             return self._run_session_batch(prompts)
-        # A sparse session's state and density are per sequence: one prompt at a time.
+        # A session that keeps one state for the whole batch: one prompt at a time.
         out: List[Dict[str, Any]] = []
         for p in prompts:
             out.extend(self._run_session_batch([p]))
@@ -263,9 +265,13 @@ class HuggingFaceModel:
             self.session.reset()
         results = self._generate(prompts)
         if self.session is not None:
-            density = density_stats(self.session.report())
-            for r in results:
-                r["stats"].update(density)
+            if len(results) == 1:
+                density = density_stats(self.session.report())
+                for r in results:
+                    r["stats"].update(density)
+            else:                        # each sequence's own density, on its real tokens
+                for i, r in enumerate(results):
+                    r["stats"].update(density_stats(self.session.report(row=i)))
         return results
 
     def warmup(self, prompt: str) -> None:
