@@ -436,6 +436,91 @@ class SketchWalkSelector(BlockSelector):
             self.state.decode_r, self.state.decode_r_len = rr, n_keys
         return idx, cnt
 
+    # ------------------------------------------------------------------------------------------
+    # Static-cache decode (CUDA graphs): sketch_walk.core.static_decode
+    def static_decode_support(self) -> Optional[str]:
+        """None for the configurations :meth:`select_decode_static` covers: the fused decode's (the seed's rules, one
+        walk step, one scored query), else why not."""
+        c = self.config
+        if c.selector != "sketchwalk":
+            return f"selector {c.selector}"
+        if not self._kernels_cover(decode=True):
+            return "a budget, fraction or decode scorer without the fused decode (torch only)"
+        if c.walk_steps != 1 and c.walk_damping > 0:
+            return "walk_steps > 1"
+        if c.decode_query_window != 1:
+            return "decode_query_window > 1"
+        if getattr(c, "decode_rerank", 0):
+            return "decode_rerank (its exact rerank reads the cache at host lengths)"
+        return None
+
+    def prepare_static_decode(self, capacity_tokens: int) -> None:
+        """Every layer's block axes grown to the capacity, the blocks not yet opened empty (count 0, sum 0, max -inf,
+        min +inf, zero W_cache rows and columns): folding a key into an empty block then equals opening it, so no step
+        opens a block on the host."""
+        bs = self.config.block_size
+        cap = num_blocks(capacity_tokens, bs)
+        for st in self.state.layers.values():
+            keys = st.keys
+            now = keys.n_blocks
+            keys.ensure_capacity(cap)
+            keys.counts[now:].zero_()
+            if keys.sums is not None:
+                keys.sums[:, :, now:].zero_()
+            if keys.kmax is not None:
+                keys.kmax[:, :, now:].fill_(float("-inf"))
+                keys.kmin[:, :, now:].fill_(float("inf"))
+            if st.k_t is not None and st.k_t.shape[2] < cap:
+                st.k_t = grow_blocks(st.k_t, cap, [2])
+            if st.question is not None and st.question.shape[2] < cap:
+                st.question = grow_blocks(st.question, cap, [2])
+            if st.w_cache is not None:
+                if st.w_cache.shape[2] < cap:
+                    st.w_cache = grow_blocks(st.w_cache, cap, [2, 3])
+                st.w_cache[:, :, now:].zero_()
+                st.w_cache[:, :, :, now:].zero_()
+        self._static_first = min(self.state.layers) if self.state.layers else None
+
+    def select_decode_static(self, layer_idx: int, module, query: torch.Tensor, k_new: torch.Tensor,
+                             n_blocks: int) -> BlockLists:
+        """The fused decode step (:meth:`_select_decode_fused`) on device-side state only: the fold into block
+        n_blocks - 1 (prepared empty by :meth:`prepare_static_decode`), scores, walk with this step's previous sparse
+        layer, lists. The Triton kernels on CUDA, :func:`sketch_walk.kernels.decode_select.decode_select_reference`
+        (the same effects in torch) elsewhere."""
+        from .kernels.decode_select import decode_select_reference, decode_select_triton
+        c = self.config
+        st = self.state.layers[layer_idx]
+        d = query.shape[-1]
+        scale = self._score_scale(module, d)
+        minmax = c.key_summary != "mean"
+        q_new = query[:, :, 0]
+        if minmax:
+            q_in, summ_a, summ_b = q_new, st.keys.kmax, st.keys.kmin
+        else:
+            j = n_blocks - 1
+            s_mat = self._srht(layer_idx, d, query.device)
+            keys = st.keys
+            keys.counts[j] += 1
+            keys.sums[:, :, j] += k_new.to(keys.sums.dtype)
+            st.k_t[:, :, j] = srht(keys.mean(j, padded=st.padded_means).float(), s_mat)
+            q_in, summ_a, summ_b = srht(q_new, s_mat), st.k_t, None
+        walk = c.walk_damping > 0
+        prev = self.state.decode_r if walk and layer_idx != getattr(self, "_static_first", None) else None
+        fn = decode_select_triton if resolve_backend(query.device, self.backend) == "triton" else decode_select_reference
+        idx, cnt, rr = fn(
+            q_in, summ_a, summ_b, n_blocks, scale, select_per=c.select_per, sparsity_exponent=c.sparsity_exponent,
+            walk_damping=c.walk_damping, n_sink=c.n_sink, n_local=c.n_local, top_k_blocks=c.top_k_blocks,
+            w_cache=st.w_cache if walk else None, r_prev=prev, k_new=k_new if minmax else None,
+            counts=st.keys.counts if minmax else None, new_block=False)
+        if walk:
+            self.state.decode_r = rr
+        return idx, cnt
+
+    def finish_static_decode(self, n_keys: int) -> None:
+        for st in self.state.layers.values():
+            st.keys.n = n_keys
+        self.state.decode_r_len = n_keys
+
 
 def enable_sketch_walk(model, config: Optional[SketchWalkConfig] = None, backend: Optional[str] = None
                        ) -> SparseAttentionSession:

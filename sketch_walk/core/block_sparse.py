@@ -215,11 +215,13 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
 
 def block_sparse_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_idx: torch.Tensor, block_cnt: torch.Tensor, block_size: int,
-                                  sm_scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                                  sm_scale: Optional[float] = None, n_keys: Optional[torch.Tensor] = None
+                                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One new query per sequence against the kept blocks of its cache, in plain PyTorch.
 
     q (B, H, 1, d) at position N-1; k_cache, v_cache (B, H_kv, N, d) (the new token's key included);
     block_idx (B, H_kv, max_kept), block_cnt (B, H_kv). Returns out (B, H, 1, d), lse (B, H, 1).
+    ``n_keys``: a one-element tensor N' <= N, the cache's real length (keys from N' on are ignored).
     """
     b, h, one, d = q.shape
     if one != 1:
@@ -239,6 +241,8 @@ def block_sparse_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     vc = vb[bi, gi, idx].reshape(b, h_kv, max_kept * bs, d)
     kpos = (idx.unsqueeze(-1) * bs + torch.arange(bs, device=q.device)).reshape(b, h_kv, -1)
     allowed = valid.unsqueeze(-1).expand(-1, -1, -1, bs).reshape(b, h_kv, -1) & (kpos < n)
+    if n_keys is not None:
+        allowed = allowed & (kpos < n_keys.reshape(()))
     qg = q.to(work).view(b, h_kv, r, d)
     s = torch.einsum("bgrd,bgkd->bgrk", qg, kc) * scale
     s = s.masked_fill(~allowed.unsqueeze(2), float("-inf"))
@@ -298,12 +302,19 @@ def window_block_lists(n: int, block_size: int, window: int, batch: int, h_kv: i
 
 
 def block_sparse_decode(q, k_cache, v_cache, block_idx, block_cnt, block_size: int,
-                        sm_scale: Optional[float] = None, backend: Optional[str] = None):
+                        sm_scale: Optional[float] = None, backend: Optional[str] = None,
+                        n_keys: Optional[torch.Tensor] = None):
     """Decode block-sparse attention (one query per sequence); Triton on CUDA, the CPU flash-attention path on the
-    CPU, else the reference."""
+    CPU, else the reference. ``n_keys``: a device tensor (one element) holding the cache's length when k_cache /
+    v_cache are longer (a static cache: keys from n_keys on are ignored; CUDA-graph decode,
+    :mod:`sketch_walk.core.static_decode`); the CPU then takes the reference."""
     if resolve_backend(q.device, backend) == "triton":
         from .kernels.block_sparse_decode import block_sparse_decode_triton
-        return block_sparse_decode_triton(q, k_cache, v_cache, block_idx, block_cnt, block_size, sm_scale)
+        return block_sparse_decode_triton(q, k_cache, v_cache, block_idx, block_cnt, block_size, sm_scale,
+                                          n_keys=n_keys)
+    if n_keys is not None:
+        return block_sparse_decode_reference(q, k_cache, v_cache, block_idx, block_cnt, block_size, sm_scale,
+                                             n_keys=n_keys)
     if _cpu_path(q, backend, k_cache, v_cache):
         from .kernels.block_sparse_cpu import block_sparse_decode_cpu
         return block_sparse_decode_cpu(q, k_cache, v_cache, block_idx, block_cnt, block_size, sm_scale)

@@ -84,6 +84,27 @@ class BlockSelector:
         """
         raise NotImplementedError
 
+    # -- static-cache decode (CUDA graphs: sketch_walk.core.static_decode) ----------------------------------------------
+    def static_decode_support(self) -> Optional[str]:
+        """None when :meth:`select_decode_static` covers this configuration, else why not (the hook then decodes on the
+        dynamic cache, eagerly)."""
+        return "no static-cache decode for this method"
+
+    def prepare_static_decode(self, capacity_tokens: int) -> None:
+        """After the prefill, before the first :meth:`select_decode_static`: make every per-layer state hold
+        ``capacity_tokens`` tokens (no allocation, growth or block opening may happen in a step)."""
+
+    def select_decode_static(self, layer_idx: int, module, query: torch.Tensor, k_new: torch.Tensor,
+                             n_blocks: int) -> BlockLists:
+        """:meth:`select_decode` for a step that may be captured in a CUDA graph and replayed for every token of the
+        block: ``k_new`` (B, H_kv, d) the new key, ``n_blocks`` the blocks so far (the new token's included: host
+        constant while a graph serves the block). Fixed shapes, state updated in place on the device, no host sync,
+        no host-side counter (:meth:`finish_static_decode` sets those)."""
+        raise NotImplementedError
+
+    def finish_static_decode(self, n_keys: int) -> None:
+        """After the static steps: host-side counters to ``n_keys`` keys summarised."""
+
     def describe(self) -> Dict[str, Any]:
         """Every knob, for run manifests and result files."""
         return {"selector": self.name, "block_size": self.block_size}

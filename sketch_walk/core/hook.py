@@ -57,6 +57,7 @@ from .contract import BlockSelector
 
 ATTN_NAME = "sketch_walk_block_sparse"
 SESSION_ATTR = "_sparse_attention_session"
+STATIC_STEP_ATTR = "_sketch_walk_static_step"      # sketch_walk.core.static_decode.STATIC_ATTR
 _registered = False
 
 
@@ -260,6 +261,16 @@ class SparseAttentionSession:
             "density_by_layer_type": by_kind,
         }
 
+    def add_static_decode_counts(self, layer: int, attended, causal: float) -> None:
+        """A static-cache decode's pairs of one layer (batch 1; :class:`sketch_walk.core.static_decode.StaticDecoder`
+        sums them on the device and adds them once the sample's decode ends)."""
+        if not torch.is_tensor(attended):
+            attended = torch.tensor(float(attended), dtype=torch.float64)
+        if hasattr(self, "_pads"):      # per-sequence tables: (B,) attended, B causal floats
+            self._add(self._dec, layer, attended.reshape(1).to(torch.float64), [float(causal)])
+        else:
+            self._add(self._dec, layer, attended, float(causal))
+
     def describe(self) -> Dict[str, Any]:
         """The selector's knobs plus the hook's (skip_decode, attention backend, implementation name)."""
         out = dict(self.selector.describe())
@@ -452,6 +463,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
                          f"sketch_walk.enable_sketch_walk(model, config) or enable_sparse_attention(model, selector)")
     if scaling is None:
         scaling = getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
+    step = getattr(module, STATIC_STEP_ATTR, None)
+    if step is not None:        # a decode step on a static cache (CUDA-graph decode): sketch_walk.core.static_decode
+        return step.attention(module, query, key, value, scaling, kwargs)
     return session.forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 

@@ -111,6 +111,7 @@ def main(argv=None) -> None:
         api_argv += ["--max_new_tokens", str(args.max_new_tokens)]
     if args.attn_backend is not None:
         api_argv += ["--attn_backend", args.attn_backend]
+    api_argv += ["--graph_decode", args.graph_decode]
     if args.overwrite:
         api_argv.append("--overwrite")
     for name in SERVER.flags:

@@ -67,7 +67,7 @@ class HuggingFaceModel:
                  top_p: float = 1.0, stop: Sequence[str] = (), max_new_tokens: int = 128,
                  random_seed: int = 0, dtype: str = "auto", device: str = "auto",
                  repetition_penalty: float = 1.0, do_sample: Optional[bool] = None,
-                 model=None, tokenizer=None) -> None:
+                 model=None, tokenizer=None, graph_decode: str = "auto") -> None:
         import torch
 
         if repetition_penalty not in (None, 1, 1.0):
@@ -100,6 +100,13 @@ class HuggingFaceModel:
         self.session = None
         # call_api.py --truncate_to_positions: prompts longer than this lose their middle (None: never cut)
         self.max_prompt_tokens: Optional[int] = None
+        # Decode on a static KV cache as CUDA graphs (sketch_walk.core.static_decode): "auto" / "on" on a GPU, never
+        # on the CPU. static_decode: the static cache without graphs (the CPU tests set it).
+        if graph_decode not in ("auto", "on", "off"):
+            raise UsageError(f"--graph_decode {graph_decode}: choose auto, on or off")
+        self.graph_decode = graph_decode != "off" and self.device.type == "cuda"
+        self.static_decode = self.graph_decode
+        self._static_attention = False
 
     # ------------------------------------------------------------------ helpers
     def _stop_token_ids(self) -> set:
@@ -151,6 +158,26 @@ class HuggingFaceModel:
         except TypeError:  # older transformers
             return DynamicCache()
 
+    def _static_decode_plan(self, bsz: int) -> Optional[str]:
+        """None when this generation decodes on a static cache (graphs when graph_decode), else why not (None also
+        when nothing asked for it: then "off")."""
+        if not self.static_decode:
+            return "off"
+        from sketch_walk.core.static_decode import static_decode_support, use_static_attention
+        why = static_decode_support(self.model, self.session, bsz)
+        if why is None and self.session is None and not self._static_attention:
+            use_static_attention(self.model)          # a dense model: SDPA, plus the static decode steps
+            self._static_attention = True
+        return why
+
+    def restore_model(self) -> None:
+        """A dense model switched to the static-decode attention goes back to SDPA (the session's own disable()
+        restores a sparse one)."""
+        if self._static_attention:
+            from sketch_walk.core.hook import _set_implementation
+            _set_implementation(self.model, "sdpa")
+            self._static_attention = False
+
     # ------------------------------------------------------------------ generation
     def _generate(self, prompts: List[str]) -> List[Dict[str, Any]]:
         """One prefill + decode loop over a (left-padded) batch; returns per-prompt results."""
@@ -174,7 +201,15 @@ class HuggingFaceModel:
         input_ids = input_ids.to(self.device)
         mask = mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self._new_cache()
+        static_note = self._static_decode_plan(bsz)
+        static = static_note is None
+        if static:
+            from sketch_walk.core.static_decode import make_static_cache
+            bs = self.session.selector.block_size if self.session is not None else 64
+            cache = make_static_cache(-(-(longest + self.max_new_tokens) // bs) * bs)
+        else:
+            cache = self._new_cache()
+        decoder = None
 
         def forward(ids, pos, attn):
             kwargs = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": 1, "position_ids": pos}
@@ -193,29 +228,40 @@ class HuggingFaceModel:
             toks = tok.tolist()
             _sync(self.device)
             t1 = time.perf_counter()
-            while True:
-                now = time.perf_counter()
-                for i, t in enumerate(toks):
-                    if reason[i] is not None:
-                        continue
-                    if t in self.stop_ids:
-                        reason[i] = "eos"
+            if static:
+                from sketch_walk.core.static_decode import StaticDecoder
+                decoder = StaticDecoder(self.model, cache, self.session, mask, position_ids[:, -1:], block_size=bs,
+                                        use_graphs=self.graph_decode, cache_kw=self._cache_kw)
+            try:
+                while True:
+                    now = time.perf_counter()
+                    for i, t in enumerate(toks):
+                        if reason[i] is not None:
+                            continue
+                        if t in self.stop_ids:
+                            reason[i] = "eos"
+                        else:
+                            generated[i].append(t)
+                            if self._hit_stop_word(generated[i]):
+                                reason[i] = "stop_word"
+                            elif len(generated[i]) >= self.max_new_tokens:
+                                reason[i] = "length"
+                        if reason[i] is not None:
+                            done_at[i] = now
+                    if all(r is not None for r in reason):
+                        break
+                    # finished rows keep feeding their last token; their outputs are ignored
+                    if decoder is not None:
+                        tok = self._pick(decoder.step(tok))
                     else:
-                        generated[i].append(t)
-                        if self._hit_stop_word(generated[i]):
-                            reason[i] = "stop_word"
-                        elif len(generated[i]) >= self.max_new_tokens:
-                            reason[i] = "length"
-                    if reason[i] is not None:
-                        done_at[i] = now
-                if all(r is not None for r in reason):
-                    break
-                mask = torch.cat([mask, mask.new_ones((bsz, 1))], dim=1)
-                position_ids = position_ids[:, -1:] + 1
-                # finished rows keep feeding their last token; their outputs are ignored
-                tok = self._pick(forward(tok[:, None], position_ids, mask))
-                toks = tok.tolist()
-            _sync(self.device)
+                        mask = torch.cat([mask, mask.new_ones((bsz, 1))], dim=1)
+                        position_ids = position_ids[:, -1:] + 1
+                        tok = self._pick(forward(tok[:, None], position_ids, mask))
+                    toks = tok.tolist()
+                _sync(self.device)
+            finally:
+                if decoder is not None:
+                    decoder.finish()      # the density counts; the model's attention modules let go of its step
 
         results = []
         for i in range(bsz):
@@ -234,6 +280,11 @@ class HuggingFaceModel:
                     "stop_reason": reason[i],
                     "batch_size": bsz,
                     "method": self.method,
+                    "graph_decode": bool(decoder is not None and decoder.use_graphs),
+                    "static_cache": decoder is not None,
+                    **({"graph_captures": decoder.captures} if decoder is not None and decoder.use_graphs else {}),
+                    **({"graph_decode_note": (decoder.note if decoder is not None else static_note)}
+                       if self.graph_decode and (decoder is None or decoder.note) else {}),
                 },
             })
         return results

@@ -34,7 +34,7 @@ from .block_sparse_prefill import online_softmax_step
 
 @triton.jit(do_not_specialize=["N_KEYS", "BPS", "NUM_SPLITS"])
 def _decode_split_kernel(
-    Q, K, V, Opart, Lpart, BlockIdx, BlockCnt,
+    Q, K, V, Opart, Lpart, BlockIdx, BlockCnt, NKeys,
     qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
@@ -43,10 +43,12 @@ def _decode_split_kernel(
     stride_cb,
     H_KV, N_KEYS, BPS, NUM_SPLITS,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, N_FROM_PTR: tl.constexpr = False,
 ):
     pid_s = tl.program_id(0)
     bg = tl.program_id(1)
+    if N_FROM_PTR:                      # the cache's length on the device (a static cache under a CUDA graph)
+        N_KEYS = tl.load(NKeys).to(tl.int32)
     b = (bg // H_KV).to(tl.int64)
     g = (bg % H_KV).to(tl.int64)
 
@@ -125,8 +127,12 @@ def block_sparse_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                block_idx: torch.Tensor, block_cnt: torch.Tensor, block_size: int,
                                sm_scale: Optional[float] = None, blocks_per_split: Optional[int] = None,
                                num_warps: int = 4, num_stages: int = 2, out: Optional[torch.Tensor] = None,
-                               lse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                               lse: Optional[torch.Tensor] = None, n_keys: Optional[torch.Tensor] = None
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse decode attention (module docstring). Returns (out (B, H, 1, d), lse (B, H, 1) fp32).
+
+    ``n_keys``: a one-element integer tensor on the device holding the cache's real length N' <= N (keys from N' on
+    are ignored; read by the kernel, so a CUDA graph replays it for every length of a static cache's bucket).
 
     ``out`` (B, H, 1, d) in q's dtype (last stride 1) and ``lse`` (B, H, 1) fp32 contiguous, when given,
     are written in place.
@@ -170,14 +176,15 @@ def block_sparse_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     opart = torch.empty(b * h, splits, bd, dtype=torch.float32, device=q.device)
     lpart = torch.empty(b * h, splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(splits, b * h_kv)](
-        q, k_cache, v_cache, opart, lpart, block_idx, block_cnt, scale * LOG2E,
+        q, k_cache, v_cache, opart, lpart, block_idx, block_cnt, block_cnt if n_keys is None else n_keys,
+        scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0),
         h_kv, n, blocks_per_split, splits,
         GROUP=group, BLOCK_H=max(16, pow2(group)), BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_D=bd,
-        num_warps=num_warps, num_stages=num_stages)
+        N_FROM_PTR=n_keys is not None, num_warps=num_warps, num_stages=num_stages)
     _decode_reduce_kernel[(b * h,)](
         opart, lpart, out, lse, out.stride(0), out.stride(1), h, splits,
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_S=max(2, pow2(splits)), num_warps=4 if bd >= 128 else 2)
