@@ -260,6 +260,63 @@ class SeerAttnSelector(BlockSelector):
         scores = cache.scores(q_gate)                                   # (B, H, n_b)
         return mask_to_block_lists(decode_mask(scores, self.cfg))
 
+    # -- static-cache decode (CUDA graphs: sketch_walk.core.static_decode) -----------------------------
+    def static_decode_support(self) -> Optional[str]:
+        return None
+
+    def prepare_static_decode(self, capacity_tokens: int) -> None:
+        """Every gate key cache grown to the capacity, the blocks not yet opened empty (count 0, sum 0, max -inf,
+        min +inf): folding a key into an empty block then equals opening it."""
+        cap = -(-capacity_tokens // self.block_size)
+        for cache in self._cache.values():
+            summ = cache.summary
+            now = summ.n_blocks
+            summ.ensure_capacity(cap)
+            summ.counts[now:].zero_()
+            if summ.sums is not None:
+                summ.sums[:, :, now:].zero_()
+            if summ.kmax is not None:
+                summ.kmax[:, :, now:].fill_(float("-inf"))
+                summ.kmin[:, :, now:].fill_(float("inf"))
+            if cache.keys.shape[2] < cap:
+                pad = cache.keys.new_zeros(*cache.keys.shape[:2], cap - cache.keys.shape[2], cache.keys.shape[3])
+                cache.keys = torch.cat([cache.keys, pad], dim=2)
+
+    @torch.no_grad()
+    def select_decode_static(self, layer_idx: int, module, query: torch.Tensor, k_new: torch.Tensor,
+                             n_blocks: int) -> BlockLists:
+        """:meth:`select_decode` on device-side state: the new pre-RoPE key folded into block n_blocks - 1 in place, that
+        block's gate key re-projected, the scores over the first n_blocks gate keys, and lists of width n_blocks (every
+        block a row may keep; -1 padded) instead of the widest row's (a host sync)."""
+        from .gate import apply_rope, pools_from_summary
+        q, k = self._pre_rope(layer_idx, module, query.shape[2])
+        cache = self._cache[layer_idx]
+        gate = self.gates[layer_idx]
+        summ = cache.summary
+        j = n_blocks - 1
+        k_pre = k[:, :, -1]
+        summ.counts[j] += 1
+        if summ.sums is not None:
+            summ.sums[:, :, j] += k_pre.to(summ.sums.dtype)
+        if summ.kmax is not None:
+            kf = k_pre.float()
+            summ.kmax[:, :, j] = torch.maximum(summ.kmax[:, :, j], kf)
+            summ.kmin[:, :, j] = torch.minimum(summ.kmin[:, :, j], kf)
+        cos, sin = self.rope.at(j * self.block_size, query.device)
+        pooled = pools_from_summary(summ, gate.k_pools, block=j)
+        cache.keys[:, :, j:j + 1] = apply_rope(gate.project_k(pooled), cos, sin)
+        q_gate = gate.query_decode(q[:, :, -1], j * self.block_size, self.rope)
+        scores = torch.einsum("bhd,bhnd->bhn", q_gate, cache.keys[:, :, :n_blocks]) * gate.scale
+        mask = decode_mask(scores, self.cfg)                           # (B, H_kv, n_blocks)
+        ar = torch.arange(n_blocks, device=mask.device)
+        order = torch.where(mask, ar, ar + n_blocks).sort(dim=-1).values
+        idx = torch.where(order < n_blocks, order, torch.full_like(order, -1)).to(torch.int32)
+        return idx.contiguous(), mask.sum(-1, dtype=torch.int32)
+
+    def finish_static_decode(self, n_keys: int) -> None:
+        for cache in self._cache.values():
+            cache.summary.n = n_keys
+
     # -- reports -------------------------------------------------------------------------------
     def describe(self) -> Dict[str, Any]:
         c = self.cfg

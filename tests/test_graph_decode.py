@@ -140,12 +140,28 @@ def test_embedded_models_bf16(name, n_tokens, method):
     _check(_generate(model, tok, prompt, False, 64, enable), _generate(model, tok, prompt, True, 64, enable))
 
 
-def test_seerattn_falls_back_to_eager_on_the_gpu():
-    """SeerAttn has no static-cache selection yet: graph_decode on runs its eager loop and says why."""
-    from seer_attn import DEFAULT_CHECKPOINT, enable_seer_attn
-    model, tok = _embedded("smollm2")
-    prompt = _text_prompt(tok, 2000)
-    e, _ = _generate(model, tok, prompt, False, 16, lambda m: enable_seer_attn(m, DEFAULT_CHECKPOINT))
-    g, _ = _generate(model, tok, prompt, True, 16, lambda m: enable_seer_attn(m, DEFAULT_CHECKPOINT))
-    assert g["stats"]["graph_decode"] is False and "seer_attn" in g["stats"]["graph_decode_note"]
+@pytest.mark.parametrize("name,n_tokens", [("smollm2", 4000), ("gemma3-270m", 8000)])
+def test_seerattn_bf16(name, n_tokens):
+    """SeerAttn: SmolLM2's committed gates; Gemma-3 has none, so randomly initialised gates of its geometry (the
+    selection is then meaningless, the equality of the two loops is not)."""
+    from seer_attn import DEFAULT_CHECKPOINT, SeerAttnConfig, SeerAttnGates, enable_seer_attn
+    model, tok = _embedded(name)
+    if name == "smollm2":
+        source = DEFAULT_CHECKPOINT
+    else:
+        torch.manual_seed(0)
+        source = SeerAttnGates(SeerAttnConfig.for_model(model, "random gates"))
+    prompt = _text_prompt(tok, n_tokens)
+    enable = lambda m: enable_seer_attn(m, source)  # noqa: E731
+    _check(_generate(model, tok, prompt, False, 64, enable), _generate(model, tok, prompt, True, 64, enable))
+
+
+def test_oracle_falls_back_to_eager_on_the_gpu():
+    """The oracle selector has no static-cache selection: graph_decode on runs its eager loop and says why."""
+    model, tok = _tiny_llama(torch.bfloat16)
+    prompt = " ".join(str(int(x)) for x in torch.randint(3, 512, (600,), generator=torch.Generator().manual_seed(3)))
+    enable = _sketch_walk(selector="oracle", top_k_blocks=2)
+    e, _ = _generate(model, tok, prompt, False, 16, enable)
+    g, _ = _generate(model, tok, prompt, True, 16, enable)
+    assert g["stats"]["graph_decode"] is False and "oracle" in g["stats"]["graph_decode_note"]
     assert e["text"] == g["text"]

@@ -133,16 +133,32 @@ def test_sketchwalk_gemma_static_equals_dynamic():
     assert _densities(dyn[0]) == _densities(sta[0])
 
 
-def test_static_decode_falls_back_where_not_covered():
+@pytest.mark.parametrize("model_fn", [_llama, _gemma])
+@pytest.mark.parametrize("knobs", [dict(nz_ratio=0.3), dict(threshold=0.08)])
+def test_seerattn_static_equals_dynamic(model_fn, knobs):
+    """SeerAttn with random gates (block 16, a budget that keeps some blocks out) on the static cache."""
     from seer_attn import SeerAttnConfig, enable_seer_attn
+    model = model_fn()
+    torch.manual_seed(1)
+    from seer_attn import SeerAttnGates
+    gates = SeerAttnGates(SeerAttnConfig.for_model(model, "random", block_size=16))
+
+    def enable(m):
+        return enable_seer_attn(m, gates, **knobs)
+    prompts = [_prompt(200, 11)]
+    dyn = _run(model, prompts, False, 20, enable=enable)
+    sta = _run(model, prompts, True, 20, enable=enable)
+    _same(dyn, sta)
+    (dd, dl), (sd, sl) = _densities(dyn[0]), _densities(sta[0])
+    assert dd[0]["decode"] < 1 and abs(dd[0]["decode"] - sd[0]["decode"]) < 1e-9 and dl == sl
+
+
+def test_static_decode_falls_back_where_not_covered():
     from sketch_walk import SketchWalkConfig, enable_sketch_walk
     model = _llama(2)
     llm = HuggingFaceModel(model=model, tokenizer=NumberTokenizer(), max_new_tokens=3)
     assert llm.graph_decode is False                  # never on the CPU
     llm.static_decode = True
-    llm.session = enable_seer_attn(model, SeerAttnConfig.for_model(model, "random"))
-    assert "seer_attn" in llm._static_decode_plan(1)
-    llm.session.disable()
     llm.session = enable_sketch_walk(model, SketchWalkConfig(selector="oracle"))
     assert "oracle" in llm._static_decode_plan(1)
     llm.session.disable()

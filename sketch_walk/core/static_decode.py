@@ -21,9 +21,11 @@ quantity that changes between the steps it serves must live on the device:
   the device and, with the dense layers' counts, given to the session's density tables when the sample ends.
 
 The same code runs without graphs (``use_graphs=False``; the CPU tests: static-cache decode equals dynamic-cache
-decode). What is not covered falls back to the dynamic cache (:func:`static_decode_support` says why): sparse
-batches of more than one prompt, selectors without ``select_decode_static`` (SeerAttn, Sketch&Walk's oracle / local
-and its torch-only budgets and scorers), logit soft-capping.
+decode). Covered: dense (any batch), Sketch&Walk's fused decode (the seed's rules; default and skip_decode) and SeerAttn
+(its gate key caches folded in place, lists of width n_b). What is not covered falls back to the dynamic cache
+(:func:`static_decode_support` says why): sparse batches of more than one prompt, selectors without
+``select_decode_static`` (Sketch&Walk's oracle / local, its torch-only budgets and scorers, decode_rerank), logit
+soft-capping.
 """
 from __future__ import annotations
 
