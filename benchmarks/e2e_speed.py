@@ -28,7 +28,9 @@ KV cache and CUDA-graph decode steps; on the CPU graph decode is off and the row
 * ``sketchwalk``: SketchWalk's defaults with top_k_blocks pinned (--top_k_blocks, default 16);
 * ``sketchwalk_natural``: the same plus ``--dense_last_blocks 1 --skip_decode`` (the natural-text setting);
 * ``seerattn``: SeerAttention with RANDOMLY INITIALISED gates of the model's geometry (no model here has committed
-  gates; timing only: its density is not a trained gate's), threshold 5e-4, sparse decode.
+  gates; timing only: its choices are not a trained gate's), sparse decode, in nz_ratio mode with the ratio that gives
+  a row SketchWalk's budget (n_sink + n_local + top_k_blocks blocks of n_b: nz = 1 - (1 - 18 / n_b)^2), so both
+  methods run the kernels at about the same density (a random gate at the default threshold keeps nearly everything).
 
 Every phase writes the results JSON when it ends (the model build, then each row), so a call cut by a time
 limit keeps what it finished; an existing file of this benchmark at --out is merged into (rows of the same
@@ -148,7 +150,13 @@ def random_prompt_ids(model_name: str, n: int, sample: int, vocab: int) -> List[
     return torch.randint(low, vocab, (n,), generator=g).tolist()
 
 
-def make_wrapper(row: str, model, tok, new_tokens: int, top_k: int, device: str):
+def seer_nz_ratio(n: int, top_k: int, block_size: int = 64) -> float:
+    """The nz_ratio whose row budget is SketchWalk's n_sink + n_local + top_k blocks (1 + 1 + top_k) at n tokens."""
+    frac = min(1.0, (top_k + 2) / max(1, -(-n // block_size)))
+    return 1.0 - (1.0 - frac) ** 2
+
+
+def make_wrapper(row: str, model, tok, new_tokens: int, top_k: int, device: str, n: int = 0):
     """The wrapper call_api.py would build for this row's server type and knobs (on the loaded model)."""
     from eval.ruler.pred import model_wrappers as mw
     graph = row.endswith("_graph")
@@ -174,9 +182,10 @@ def make_wrapper(row: str, model, tok, new_tokens: int, top_k: int, device: str)
         from seer_attn import SeerAttnConfig, enable_seer_attn
         cfg = SeerAttnConfig.for_model(model, base_model="random gates (timing only)")
         torch.manual_seed(0)
-        knobs = {"gates": "randomly initialised (timing only)", "threshold": cfg.threshold,
-                 "gated_layers": cfg.gated_layers}
-        llm = mw.SparseAttentionModel(method="seer_attn", enable=lambda m: enable_seer_attn(m, cfg), **gen)
+        nz = seer_nz_ratio(n, top_k)
+        knobs = {"gates": "randomly initialised (timing only)", "nz_ratio": nz, "gated_layers": cfg.gated_layers}
+        llm = mw.SparseAttentionModel(method="seer_attn", enable=lambda m: enable_seer_attn(m, cfg, nz_ratio=nz),
+                                      **gen)
     else:
         raise SystemExit(f"--rows {row}: choose from {', '.join(ROWS)}")
     llm.stop_ids = set()          # always --new_tokens tokens
@@ -205,9 +214,9 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def run_row(row: str, model, tok, prompts: List[str], args, device: str) -> Dict[str, Any]:
+def run_row(row: str, model, tok, prompts: List[str], args, device: str, n: int) -> Dict[str, Any]:
     t0 = time.time()
-    llm, knobs = make_wrapper(row, model, tok, args.new_tokens, args.top_k_blocks, device)
+    llm, knobs = make_wrapper(row, model, tok, args.new_tokens, args.top_k_blocks, device, n)
     try:
         tw = time.time()
         llm.warmup(prompts[0])
@@ -301,7 +310,7 @@ def main(argv=None) -> None:
             lres = mres.setdefault(str(n), {})
             for row in args.rows:
                 try:
-                    r = run_row(row, model, tok, prompts, args, device)
+                    r = run_row(row, model, tok, prompts, args, device, n)
                 except Exception as exc:       # one row's failure (e.g. out of memory) must not lose the others
                     r = {"error": f"{type(exc).__name__}: {exc}"}
                     print(f"[{model_name} {n}] {row}: FAILED {r['error']}", flush=True)
