@@ -2,11 +2,11 @@
 to the eager loop's. Skipped without CUDA; the embedded models where they are installed / converted.
 
 What "equal" means here. Sparse layers run the same selection and the same kernel in both loops (the static cache only
-hands them a longer buffer and the length on the device), so they agree bit for bit; dense and sliding-window layers
-run SDPA over the block's keys under a mask instead of over exactly n keys, which may pick another SDPA kernel: in
-bf16 the logits can then differ by an ulp or two. So the tokens must be equal up to the end, except from a step where
-the eager loop's own top two logits were within ``NEAR_TIE`` (two bf16 ulps at logit 16-32) of each other; fp32 dense
-must be equal outright.
+hands them a longer buffer and the length on the device), so they agree bit for bit; dense full-attention layers run
+the flash-decoding kernel with every block kept instead of SDPA, and sliding-window layers SDPA under a mask over the
+window's block instead of over the window's keys: the logits can then differ by an ulp or two (TF32 dots in fp32).
+So the tokens must be equal up to the end, except from a step where the eager loop's own top two logits were within
+``NEAR_TIE`` (two bf16 ulps at logit 16-32; 0.01 in fp32) of each other.
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def _generate(model, tok, prompt, graph, new_tokens, enable=None, **cfg_kw):
     return r, logits
 
 
-def _check(eager, graph, exact=False, captures=True):
+def _check(eager, graph, exact=False, captures=True, near_tie=NEAR_TIE):
     (re, le), (rg, lg) = eager, graph
     assert rg["stats"]["graph_decode"] is True, rg["stats"]
     if captures:
@@ -99,7 +99,7 @@ def _check(eager, graph, exact=False, captures=True):
     first = next(i for i, (a, b) in enumerate(zip(ids_e, ids_g)) if a != b)
     top2 = le[first].topk(2, dim=-1).values[0]
     gap = float(top2[0] - top2[1])
-    assert gap <= NEAR_TIE, f"step {first}: eager {ids_e[first]} graph {ids_g[first]}, eager's top-2 gap {gap}"
+    assert gap <= near_tie, f"step {first}: eager {ids_e[first]} graph {ids_g[first]}, eager's top-2 gap {gap}"
 
 
 def _sketch_walk(**kw):
@@ -108,11 +108,11 @@ def _sketch_walk(**kw):
     return lambda m: enable_sketch_walk(m, cfg)
 
 
-def test_tiny_dense_fp32_exact():
+def test_tiny_dense_fp32():
     model, tok = _tiny_llama(torch.float32)
     g = torch.Generator().manual_seed(1)
     prompt = " ".join(str(int(x)) for x in torch.randint(3, 512, (1000,), generator=g))
-    _check(_generate(model, tok, prompt, False, 64), _generate(model, tok, prompt, True, 64), exact=True)
+    _check(_generate(model, tok, prompt, False, 64), _generate(model, tok, prompt, True, 64), near_tie=0.01)
 
 
 @pytest.mark.parametrize("knobs", [dict(top_k_blocks=4), dict(top_k_blocks=4, key_summary="mean"),

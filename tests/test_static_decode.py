@@ -203,3 +203,34 @@ def test_decode_rerank_keeps_the_eager_loop():
     llm.session = enable_sketch_walk(model, SketchWalkConfig(decode_rerank=4))
     assert "decode_rerank" in llm._static_decode_plan(1)
     llm.session.disable()
+
+
+_TRITON_ROUTE = r"""
+import sys, torch
+sys.path.insert(0, "tests")
+import test_static_decode as t
+from sketch_walk import SketchWalkConfig, enable_sketch_walk
+model = t._llama(3)
+prompts = [t._prompt(150, 4)]
+t._same(t._run(model, prompts, False, 12), t._run(model, prompts, True, 12), tol=2e-3)
+cfg = SketchWalkConfig(block_size=16, top_k_blocks=2, dense_layers=1)
+dyn = t._run(model, prompts, False, 12, enable=lambda m: enable_sketch_walk(m, cfg))
+sta = t._run(model, prompts, True, 12, enable=lambda m: enable_sketch_walk(m, cfg))
+t._same(dyn, sta, tol=2e-3)
+assert t._densities(dyn[0]) == t._densities(sta[0]), (t._densities(dyn[0]), t._densities(sta[0]))
+print("OK")
+"""
+
+
+def test_static_decode_on_the_triton_route():
+    """The GPU's route under the Triton interpreter: dense layers through the decode kernel with every block kept and
+    the device length, Sketch&Walk's static selection through the Triton decode selection (against the eager fused
+    path: the same kernels, so the same lists and densities)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="1", SKETCH_WALK_ATTN_BACKEND="triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _TRITON_ROUTE], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

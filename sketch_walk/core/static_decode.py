@@ -13,7 +13,9 @@ quantity that changes between the steps it serves must live on the device:
   tensor. A bucket's first step runs eagerly (it compiles / autotunes what the graph will launch), its second is
   captured and replayed, the rest replay: 64 new tokens cross at most one block boundary, so at most two captures;
 * attention (:meth:`StaticStep.attention`, every layer: the sparse hook's ``sparse_attention_forward`` and, for
-  dense models, :data:`STATIC_SDPA_NAME` hand it the call): dense and sliding-window layers run transformers' SDPA
+  dense models, :data:`STATIC_SDPA_NAME` hand it the call): full-attention layers that run dense go through the
+  block-sparse decode kernel with every block kept and the device length on the GPU (SDPA under a mask would copy
+  K / V once per query head of a group); sliding-window layers, padded batches and the CPU run transformers' SDPA
   over the bucket's keys (a sliding-window layer over the window's part of them) under a mask built on the device
   from the new token's position and the batch's padding; sparse layers ask the selector
   (:meth:`sketch_walk.core.contract.BlockSelector.select_decode_static`: fixed shapes, device-side state) and run
@@ -34,7 +36,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .block_sparse import block_sparse_decode
+from .block_sparse import block_sparse_decode, resolve_backend
 
 STATIC_ATTR = "_sketch_walk_static_step"          # on every attention module while a static decode runs
 STATIC_SDPA_NAME = "sketch_walk_static_sdpa"      # a dense model's attention while graph decode is on
@@ -175,6 +177,7 @@ class StaticStep:
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)          # index of the new token in the buffers
         self.n_keys = torch.ones((), dtype=torch.long, device=dev)        # keys in the cache, the new one included
         self.valid = valid                                                # (B, capacity) bool: not padding
+        self.padded = not bool(valid.all())
         self.positions = torch.arange(capacity, device=dev)
         self.nb = 1
         self.kv_len = block_size
@@ -217,6 +220,19 @@ class StaticStep:
             if acc is None:
                 self.attended[layer] = acc = torch.zeros((), dtype=torch.float64, device=query.device)
             acc.add_(att)
+            return out.transpose(1, 2).contiguous(), None
+        backend = session.backend if session is not None else None
+        if window is None and not self.padded and resolve_backend(query.device, backend) == "triton":
+            # full attention: the flash-decoding kernel over every block, the length from the device (SDPA under a
+            # mask would repeat K / V for the query groups: 2 GiB a layer at 128K)
+            lists = self.masks.get("all")
+            if lists is None:
+                b, hkv = key.shape[0], key.shape[1]
+                idx = torch.arange(self.nb, dtype=torch.int32, device=query.device).expand(b, hkv, self.nb)
+                cnt = torch.full((b, hkv), self.nb, dtype=torch.int32, device=query.device)
+                lists = self.masks["all"] = (idx, cnt)
+            out, _ = block_sparse_decode(query, key, value, *lists, bs, sm_scale=scaling, backend=backend,
+                                         n_keys=self.n_keys)
             return out.transpose(1, 2).contiguous(), None
         start = max(0, (self.nb - 1) * bs - window + 1) if window else 0
         mask = self._mask(start, window)
