@@ -316,33 +316,64 @@ def oracle_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: 
     return out
 
 
-def shortlist_block_mass(query: torch.Tensor, key_cache: torch.Tensor, block_idx: torch.Tensor, block_size: int,
-                         scale: float, select_per: str = "layer") -> torch.Tensor:
+def shortlist_mass(query: torch.Tensor, key_cache: torch.Tensor, block_idx: torch.Tensor, block_size: int,
+                   scale: float, select_per: str = "layer") -> torch.Tensor:
     """The exact attention mass of one decode query over the blocks of a shortlist (decode_rerank's scores).
 
     query (B, H, 1, d), key_cache (B, H_kv, N, d), block_idx (B, H_kv, W) int (-1 padded): the shortlisted blocks
     of each key head. For head h of key head g: M_h[j] = sum_{s in block j} softmax_s(q_h . k_s * scale), the
     softmax taken over the keys of g's shortlist only (the oracle's decode mass, restricted to the shortlist);
-    then the mean over g's query group, and with select_per "layer" over all heads. Returns (B, G', n_b) fp32,
-    zero off the shortlist. Reads W * block_size keys per key head (no values), no host sync.
+    then the mean over g's query group, and with select_per "layer" (every key head holds the same list) over all
+    heads. Returns (B, G', W) fp32, entry by entry of the list (0 on padding). Reads W * block_size keys per key
+    head (no values), no host sync.
     """
     b, h, _, d = query.shape
     hkv, n = key_cache.shape[1], key_cache.shape[2]
     r, bs, w = h // hkv, block_size, block_idx.shape[-1]
-    nb = num_blocks(n, bs)
     blk = block_idx.long()
     pos = blk.clamp_min(0).unsqueeze(-1) * bs + torch.arange(bs, device=query.device)        # (B, H_kv, W, bs)
     valid = (blk >= 0).unsqueeze(-1) & (pos < n)
     pos = pos.clamp_max(n - 1).view(b, hkv, w * bs)
-    keys = torch.gather(key_cache, 2, pos.unsqueeze(-1).expand(b, hkv, w * bs, d))             # (B, H_kv, W bs, d)
-    logits = torch.einsum("bgrd,bgtd->bgrt", query.view(b, hkv, r, d).float(), keys.float()) * scale
+    rows_b = torch.arange(b, device=query.device).view(b, 1, 1)
+    rows_g = torch.arange(hkv, device=query.device).view(1, hkv, 1)
+    keys = key_cache[rows_b, rows_g, pos]                       # (B, H_kv, W bs, d): only the shortlist's rows
+    logits = torch.matmul(query.view(b, hkv, r, d).float(), keys.float().transpose(-1, -2)) * scale
     logits = logits.masked_fill(~valid.view(b, hkv, 1, w * bs), float("-inf"))
     mass = torch.softmax(logits, dim=-1).view(b, hkv, r, w, bs).sum(-1).mean(dim=2)          # (B, H_kv, W)
-    out = torch.zeros(b, hkv, nb + 1, dtype=torch.float32, device=query.device)
-    out.scatter_(-1, torch.where(blk < 0, nb, blk), mass)
-    out = out[..., :nb]
-    return out.mean(dim=1, keepdim=True) if select_per == "layer" else out
+    return mass.mean(dim=1, keepdim=True) if select_per == "layer" else mass
+
+
+def spread_to_blocks(entry_scores: torch.Tensor, block_idx: torch.Tensor, n_b: int) -> torch.Tensor:
+    """List-entry scores (B, G', W) of the lists block_idx (B, G', W) (-1 padded) -> block scores (B, G', n_b), 0 off
+    the lists."""
+    out = torch.zeros(*entry_scores.shape[:-1], n_b + 1, dtype=entry_scores.dtype, device=entry_scores.device)
+    blk = block_idx.long()
+    out.scatter_(-1, torch.where(blk < 0, n_b, blk), entry_scores)
+    return out[..., :n_b]
+
+
+def rerank_plain(entry_scores: torch.Tensor, block_idx: torch.Tensor, n_b: int, rule: RowRule
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A plain fixed rule applied to a shortlist's entries for the decode row (n_b - 1): the same lists as
+    :func:`select_blocks` on :func:`spread_to_blocks` of the scores whenever the shortlist holds at least top_k
+    candidates (it does: it is R >= 2 times the budget), at the cost of W entries instead of n_b blocks.
+
+    entry_scores (B, G', W) >= 0, block_idx (B, G', W) ascending, -1 padded. Returns block_idx int32 (B, G', width)
+    ascending and block_cnt int32 (B, G'), width = min(n_b, sink + local + top_k).
+    """
+    budget = rule.sink_keep + rule.local_keep + rule.top_k
+    if n_b <= budget:                                           # a dense row: the shortlist holds every block
+        idx = block_idx[..., :n_b]
+        return idx.to(torch.int32).contiguous(), (idx >= 0).sum(-1).to(torch.int32)
+    blk = block_idx.long()
+    forced = (blk >= 0) & ((blk < rule.sink_keep) | (blk > n_b - 1 - rule.local_keep))
+    high = torch.where(forced, torch.full_like(blk, 0x7FFFFFFF << 32), _score_keys(entry_scores) & ~0xFFFFFFFF)
+    keys = high | blk.clamp_min(0)                              # forced first, then by score (ties: the later block)
+    keys = torch.where(blk >= 0, keys, torch.full_like(keys, -1))
+    top = keys.topk(budget, dim=-1, sorted=False).values
+    idx = (top & 0xFFFFFFFF).sort(dim=-1).values
+    return idx.to(torch.int32).contiguous(), torch.full(idx.shape[:-1], budget, dtype=torch.int32, device=idx.device)
 
 
 __all__ = ["select_blocks", "select_by_rule", "row_rule", "RowRule", "max_kept_for", "expand_to_kv_heads", "local_scores", "oracle_block_mass",
-           "shortlist_block_mass"]
+           "shortlist_mass", "spread_to_blocks", "rerank_plain"]

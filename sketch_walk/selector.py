@@ -55,8 +55,8 @@ from .core.block_summary import RunningBlockSummary, block_mean, block_sum, grow
 from .core.contract import BlockLists, BlockSelector, check_decode_step
 from .core.errors import UsageError
 from .core.hook import SparseAttentionSession, enable_sparse_attention
-from .selection import (expand_to_kv_heads, local_scores, oracle_block_mass, row_rule, select_by_rule,
-                        shortlist_block_mass)
+from .selection import (expand_to_kv_heads, local_scores, oracle_block_mass, rerank_plain, row_rule, select_by_rule,
+                        shortlist_mass, spread_to_blocks)
 from .sketch import (authors_score_scale, layer_seed, max_over_sub_blocks, scores_mean, scores_minmax, srht,
                      srht_matrix)
 from .walk import (block_transition, causal_block_mask, kv_chunk_size, running_transition_update, sharpen, walk_row,
@@ -194,12 +194,19 @@ class SketchWalkSelector(BlockSelector):
     def _rerank(self, query: torch.Tensor, key_cache: torch.Tensor, shortlist: torch.Tensor, scale: float,
                 extra: Optional[torch.Tensor] = None, extra_width: int = 0) -> BlockLists:
         """decode_rerank: the configured budget spent on the shortlist (B, H_kv, W) by the new query's exact attention
-        mass over the shortlist's keys (:func:`sketch_walk.selection.shortlist_block_mass`); forced blocks stay."""
+        mass over the shortlist's keys (:func:`sketch_walk.selection.shortlist_mass`); forced blocks stay. A plain
+        fixed rule works on the W entries (:func:`sketch_walk.selection.rerank_plain`), others on all n_b blocks."""
         c = self.config
-        n_keys = key_cache.shape[2]
-        row = torch.full((1,), num_blocks(n_keys, c.block_size) - 1, dtype=torch.long, device=query.device)
-        mass = shortlist_block_mass(query, key_cache, shortlist, c.block_size, scale, c.select_per)
-        idx, cnt = self._lists(mass.unsqueeze(-2), row, key_cache.shape[1], 0, n_keys, True, extra, extra_width)
+        n_keys, hkv = key_cache.shape[2], key_cache.shape[1]
+        nb = num_blocks(n_keys, c.block_size)
+        lists = shortlist if c.select_per == "kv_head" else shortlist[:, :1]
+        mass = shortlist_mass(query, key_cache, shortlist, c.block_size, scale, c.select_per)   # (B, G', W)
+        rule = row_rule(c, n_keys, True)
+        if rule.plain and extra is None:
+            return expand_to_kv_heads(*rerank_plain(mass, lists, nb, rule), hkv)
+        row = torch.full((1,), nb - 1, dtype=torch.long, device=query.device)
+        scores = spread_to_blocks(mass, lists, nb).unsqueeze(-2)
+        idx, cnt = self._lists(scores, row, hkv, 0, n_keys, True, extra, extra_width)
         return idx.squeeze(-2), cnt.squeeze(-1)
 
     def _question_blocks(self, walk: torch.Tensor, n_tokens: int) -> Tuple[torch.Tensor, int]:

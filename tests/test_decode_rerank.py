@@ -1,5 +1,5 @@
 """decode_rerank: the estimate shortlists R x the budget, the new query's exact attention mass over the shortlist's
-keys spends the budget (sketch_walk.selection.shortlist_block_mass, SketchWalkSelector._rerank).
+keys spends the budget (sketch_walk.selection.shortlist_mass and rerank_plain, SketchWalkSelector._rerank).
 
 Checked against independent float64 computations on fresh random inputs: the restricted mass itself; the lists of
 a decode step (forced blocks, then the best of the shortlist by that mass, the shortlist being the plain selector's
@@ -12,7 +12,7 @@ import torch
 import pytest
 
 from sketch_walk import SketchWalkConfig, SketchWalkSelector
-from sketch_walk.selection import shortlist_block_mass
+from sketch_walk.selection import shortlist_mass, spread_to_blocks
 from interpreter_child import fresh_seed
 
 
@@ -46,7 +46,10 @@ def test_shortlist_mass_against_float64(select_per):
                          for _ in range(b)]).to(torch.int32)
     lists[0, 1, -2:] = -1                                          # padding entries
     lists[1, 0, -1] = nb - 1                                       # the partial block
-    got = shortlist_block_mass(q, k, lists, bs, 0.3, select_per).double()
+    lists_g = lists if select_per == "kv_head" else lists[:, :1]
+    if select_per == "layer":
+        lists[:, 1] = lists[:, 0]                                  # a per-layer list is the same for every key head
+    got = spread_to_blocks(shortlist_mass(q, k, lists, bs, 0.3, select_per), lists_g, nb).double()
     ref = _mass64(q, k, lists, bs, 0.3)
     if select_per == "layer":
         ref = ref.mean(dim=1, keepdim=True)
