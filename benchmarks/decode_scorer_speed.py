@@ -40,7 +40,7 @@ CANDIDATES = {
     "mass": {"budget_mode": "mass", "budget_mass": 0.99, "sparsity_exponent": 1.0, "budget_max_blocks": 16},
     "authors": {"preset": "authors"},
     "rerank4": {"decode_rerank": 4},                        # Triton shortlist of 64, exact mass over its keys
-    "rerank4_dlb1": {"decode_rerank": 4, "dense_last_blocks": 1},   # (dense_last acts on prefill: same step)
+    "rerank8": {"decode_rerank": 8},                        # a shortlist of 128
 }
 
 
