@@ -275,7 +275,30 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="auto: bf16 on a GPU, fp32 on the CPU")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="run nothing: merge these results files (slices run in separate calls) into --out, print the table")
     args = ap.parse_args(argv)
+    if args.merge:
+        merged: Dict[str, Any] = {}
+        for path in args.merge:
+            with open(path) as f:
+                part = json.load(f)
+            runs = merged.get("runs", {})
+            for model_name, mres in part.get("runs", {}).items():
+                dst = runs.setdefault(model_name, {})
+                for k, v in mres.items():
+                    if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                        dst[k].update(v)
+                    else:
+                        dst[k] = v
+            merged = {**merged, **{k: v for k, v in part.items() if k != "runs"}, "runs": runs,
+                      "commands": merged.get("commands", []) + part.get("commands", [])}
+        if not args.out:
+            raise SystemExit("--merge needs --out")
+        write_json(merged, args.out)
+        print_table(merged)
+        print(f"wrote {args.out}")
+        return
     from eval.ruler.model_loader import pick_device
     device = pick_device(args.device)
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"

@@ -45,3 +45,20 @@ def test_e2e_speed_smoke(tmp_path, capsys):
     # greedy tokens: dense with and without graph decode (off on the CPU: the same loop) agree
     assert res2["runs"]["tiny-llama"]["512"]["dense_graph"]["samples"][0]["tokens"] == \
         rows["dense"]["samples"][0]["tokens"]
+
+
+def test_e2e_speed_merge(tmp_path, capsys):
+    """Slices written to separate files merge into one (rows of one model and length side by side)."""
+    import json as _json
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "all.json"
+    row = {"prefill_s": 1.0, "decode_s": 1.0, "total_s": 2.0, "graph_decode": False, "density": {}}
+    a.write_text(_json.dumps({"benchmark": "e2e_speed", "commands": ["a"], "runs": {"m": {"model": "M", "512": {"dense": row}}}}))
+    b.write_text(_json.dumps({"benchmark": "e2e_speed", "commands": ["b"],
+                              "runs": {"m": {"model": "M", "512": {"dense_graph": dict(row, total_s=1.0)}}}}))
+    if os.path.dirname(SCRIPT) not in sys.path:
+        sys.path.insert(0, os.path.dirname(SCRIPT))
+    import e2e_speed
+    e2e_speed.main(["--merge", str(a), str(b), "--out", str(out)])
+    res = _json.loads(out.read_text())
+    assert set(res["runs"]["m"]["512"]) == {"dense", "dense_graph"} and res["commands"] == ["a", "b"]
+    assert "2.00x" in capsys.readouterr().out
