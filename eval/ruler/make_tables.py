@@ -10,8 +10,10 @@ Reads {root}/stage1/comparison/comparison.json (dense, 11 tasks x 3 lengths),
 whose samples are the same as stage 2's: checked here by (task, length, index, sha256 of input)),
 {root}/stage2/comparison_dense_rows/comparison.json (rows reported apart),
 {root}/stage2_decode/comparison/comparison.json (dense decode / dense last query block on the essay cells),
-{root}/two_gpu/two_gpu.json (one GPU vs torchrun on two) and
-{root}/e2e_32k/comparison/comparison.json (end-to-end seconds per sample of one process alone).
+{root}/two_gpu/two_gpu.json (one GPU vs torchrun on two),
+{root}/e2e_32k/comparison/comparison.json (end-to-end seconds per sample of one process alone) and
+{root}/selection_{evidence,fresh,curves}/comparison/comparison.json (issue 18's rows: each cell's accuracy with its
+interval and both densities, and the mean over cells minus dense with its paired interval, eval/ruler/mean_difference.py).
 Models whose layers differ (Gemma-3) also get the prefill density per layer type.
 """
 import gzip
@@ -283,6 +285,36 @@ def e2e_median_table(cell, methods):
               f"{rs[0]['prefill_s'] + rs[0]['decode_s']:.3f} |")
 
 
+def selection_tables():
+    """docs/EVIDENCE.md 2.10: per cell 'accuracy [95%] / prefill density / decode density', the mean over cells and
+    the paired interval of its difference to dense."""
+    from eval.ruler.mean_difference import load as load_samples, paired_mean_difference
+    for name in ("selection_evidence", "selection_fresh", "selection_curves"):
+        folder = f"{name}/comparison"
+        if not exists(f"{folder}/comparison.json"):
+            continue
+        d = load(f"{folder}/comparison.json")
+        samples = load_samples(path_of(samples_path(folder)))
+        base = d["baseline"]
+        print(f"\n{name}: RULER score [95%] / prefill density / decode density; mean over cells; Δ vs {base} "
+              "[paired 95%]\n")
+        heads = [f"{c['task']} @ {fmt_len(int(c['length']))}" for c in d["cells"]]
+        print("| method | " + " | ".join(heads) + " | mean | Δ vs dense |")
+        print("| --- |" + " --- |" * (len(heads) + 2))
+        for run in d["summary"]:
+            row = []
+            for c in d["cells"]:
+                x = c["runs"][run]
+                lo, hi = x["acc_all_ci"]
+                dens = "" if run == base else f" / {x['density_prefill']:.2f} / {x['density_decode']:.2f}"
+                row.append(f"{x['acc_all']:.0f} [{lo:.0f}, {hi:.0f}]{dens}")
+            delta = "-"
+            if run != base:
+                point, (lo, hi), _, _ = paired_mean_difference(samples[base], samples[run])
+                delta = f"{100 * point:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            print(f"| {run} | " + " | ".join(row) + f" | {d['summary'][run]['score_mean']:.1f} | {delta} |")
+
+
 def main(argv=None):
     global ROOT
     p = OneLineParser(description=__doc__.split("\n\n")[0])
@@ -302,6 +334,7 @@ def main(argv=None):
     decode_rows_table({(t, int(n)) for t, n in cells})
     two_gpu_summary()
     e2e_table()
+    selection_tables()
 
 
 if __name__ == "__main__":
