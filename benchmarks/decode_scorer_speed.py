@@ -18,6 +18,7 @@ Writes benchmarks/results/decode_scorer_speed_<gpu>.json: GPU, versions, command
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 import types
@@ -41,6 +42,7 @@ CANDIDATES = {
     "authors": {"preset": "authors"},
     "rerank4": {"decode_rerank": 4},                        # Triton shortlist of 64, exact mass over its keys
     "rerank8": {"decode_rerank": 8},                        # a shortlist of 128
+    "rerank8_kernel": {"decode_rerank": 8},                 # the same, re-ranked by kernels/rerank_select.py
 }
 
 
@@ -71,6 +73,10 @@ def run_candidate(name: str, knobs: dict, n: int) -> dict:
 
     cfg = SketchWalkConfig.from_dict(dict(knobs))
     sel = SketchWalkSelector(cfg)
+    if name.endswith("_kernel"):                # the opt-in Triton re-ranking (SketchWalkSelector._rerank_kernel)
+        os.environ["SKETCH_WALK_RERANK_KERNEL"] = "1"
+    else:
+        os.environ.pop("SKETCH_WALK_RERANK_KERNEL", None)
     if name.endswith("_torch"):
         sel.backend = "torch"
     sel.reset(1)

@@ -284,7 +284,8 @@ class SeerAttnSelector(BlockSelector):
 
     @torch.no_grad()
     def select_decode_static(self, layer_idx: int, module, query: torch.Tensor, k_new: torch.Tensor,
-                             n_blocks: int) -> BlockLists:
+                             n_blocks: int, key_cache: Optional[torch.Tensor] = None,
+                             n_keys: Optional[torch.Tensor] = None) -> BlockLists:
         """:meth:`select_decode` on device-side state: the new pre-RoPE key folded into block n_blocks - 1 in place, that
         block's gate key re-projected, the scores over the first n_blocks gate keys, and lists of width n_blocks (every
         block a row may keep; -1 padded) instead of the widest row's (a host sync)."""

@@ -317,7 +317,7 @@ def oracle_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: 
 
 
 def shortlist_mass(query: torch.Tensor, key_cache: torch.Tensor, block_idx: torch.Tensor, block_size: int,
-                   scale: float, select_per: str = "layer") -> torch.Tensor:
+                   scale: float, select_per: str = "layer", n_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The exact attention mass of one decode query over the blocks of a shortlist (decode_rerank's scores).
 
     query (B, H, 1, d), key_cache (B, H_kv, N, d), block_idx (B, H_kv, W) int (-1 padded): the shortlisted blocks
@@ -325,18 +325,19 @@ def shortlist_mass(query: torch.Tensor, key_cache: torch.Tensor, block_idx: torc
     softmax taken over the keys of g's shortlist only (the oracle's decode mass, restricted to the shortlist);
     then the mean over g's query group, and with select_per "layer" (every key head holds the same list) over all
     heads. Returns (B, G', W) fp32, entry by entry of the list (0 on padding). Reads W * block_size keys per key
-    head (no values), no host sync.
+    head (no values), no host sync. ``n_valid`` (a device scalar): the keys that count when key_cache is a static
+    buffer longer than the cache (default: all N).
     """
     b, h, _, d = query.shape
     hkv, n = key_cache.shape[1], key_cache.shape[2]
     r, bs, w = h // hkv, block_size, block_idx.shape[-1]
     blk = block_idx.long()
     pos = blk.clamp_min(0).unsqueeze(-1) * bs + torch.arange(bs, device=query.device)        # (B, H_kv, W, bs)
-    valid = (blk >= 0).unsqueeze(-1) & (pos < n)
-    pos = pos.clamp_max(n - 1).view(b, hkv, w * bs)
-    rows_b = torch.arange(b, device=query.device).view(b, 1, 1)
-    rows_g = torch.arange(hkv, device=query.device).view(1, hkv, 1)
-    keys = key_cache[rows_b, rows_g, pos]                       # (B, H_kv, W bs, d): only the shortlist's rows
+    valid = (blk >= 0).unsqueeze(-1) & (pos < (n if n_valid is None else n_valid))
+    pos = pos.clamp_max(n - 1).view(b * hkv, w * bs)
+    rows = torch.arange(b * hkv, device=query.device).view(b * hkv, 1)
+    # (B H_kv, N, d) is a view for a cache (or a static buffer sliced along N); only the shortlist's rows are read
+    keys = key_cache.flatten(0, 1)[rows, pos].view(b, hkv, w * bs, d)
     logits = torch.matmul(query.view(b, hkv, r, d).float(), keys.float().transpose(-1, -2)) * scale
     logits = logits.masked_fill(~valid.view(b, hkv, 1, w * bs), float("-inf"))
     mass = torch.softmax(logits, dim=-1).view(b, hkv, r, w, bs).sum(-1).mean(dim=2)          # (B, H_kv, W)

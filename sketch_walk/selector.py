@@ -44,6 +44,7 @@ with the same state; oracle and local stay torch. The kernels implement the seed
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -192,22 +193,37 @@ class SketchWalkSelector(BlockSelector):
         return expand_to_kv_heads(idx, cnt, n_kv)
 
     def _rerank(self, query: torch.Tensor, key_cache: torch.Tensor, shortlist: torch.Tensor, scale: float,
-                extra: Optional[torch.Tensor] = None, extra_width: int = 0) -> BlockLists:
+                extra: Optional[torch.Tensor] = None, extra_width: int = 0, n_blocks: Optional[int] = None,
+                n_valid: Optional[torch.Tensor] = None) -> BlockLists:
         """decode_rerank: the configured budget spent on the shortlist (B, H_kv, W) by the new query's exact attention
         mass over the shortlist's keys (:func:`sketch_walk.selection.shortlist_mass`); forced blocks stay. A plain
-        fixed rule works on the W entries (:func:`sketch_walk.selection.rerank_plain`), others on all n_b blocks."""
+        fixed rule works on the W entries (:func:`sketch_walk.selection.rerank_plain`), others on all n_b blocks.
+        A static step passes its bucket's ``n_blocks`` and the cache length ``n_valid`` as a device scalar."""
         c = self.config
-        n_keys, hkv = key_cache.shape[2], key_cache.shape[1]
+        hkv = key_cache.shape[1]
+        n_keys = key_cache.shape[2] if n_blocks is None else n_blocks * c.block_size
         nb = num_blocks(n_keys, c.block_size)
         lists = shortlist if c.select_per == "kv_head" else shortlist[:, :1]
-        mass = shortlist_mass(query, key_cache, shortlist, c.block_size, scale, c.select_per)   # (B, G', W)
         rule = row_rule(c, n_keys, True)
+        if (rule.plain and extra is None and nb > rule.sink_keep + rule.local_keep + rule.top_k
+                and self._rerank_kernel(query.device)):
+            from .kernels.rerank_select import rerank_select_triton
+            return rerank_select_triton(query, key_cache, shortlist, nb, scale, block_size=c.block_size,
+                                        select_per=c.select_per, n_sink=rule.sink_keep, n_local=rule.local_keep,
+                                        top_k=rule.top_k, n_valid=n_valid)
+        mass = shortlist_mass(query, key_cache, shortlist, c.block_size, scale, c.select_per, n_valid)  # (B, G', W)
         if rule.plain and extra is None:
             return expand_to_kv_heads(*rerank_plain(mass, lists, nb, rule), hkv)
         row = torch.full((1,), nb - 1, dtype=torch.long, device=query.device)
         scores = spread_to_blocks(mass, lists, nb).unsqueeze(-2)
         idx, cnt = self._lists(scores, row, hkv, 0, n_keys, True, extra, extra_width)
         return idx.squeeze(-2), cnt.squeeze(-1)
+
+    def _rerank_kernel(self, device) -> bool:
+        """Whether the re-ranking runs sketch_walk/kernels/rerank_select.py (two launches) instead of ~25 PyTorch ops:
+        opt-in with SKETCH_WALK_RERANK_KERNEL=1 on the Triton backend until it has been checked and timed on a GPU
+        (so far: against the PyTorch path under Triton's interpreter, tests/test_decode_rerank.py)."""
+        return os.environ.get("SKETCH_WALK_RERANK_KERNEL") == "1" and resolve_backend(device, self.backend) == "triton"
 
     def _question_blocks(self, walk: torch.Tensor, n_tokens: int) -> Tuple[torch.Tensor, int]:
         """The blocks the prompt's last query block keeps under the budget (dense_last aside): (B, G', n_b) bool and
@@ -457,8 +473,6 @@ class SketchWalkSelector(BlockSelector):
             return "walk_steps > 1"
         if c.decode_query_window != 1:
             return "decode_query_window > 1"
-        if getattr(c, "decode_rerank", 0):
-            return "decode_rerank (its exact rerank reads the cache at host lengths)"
         return None
 
     def prepare_static_decode(self, capacity_tokens: int) -> None:
@@ -489,11 +503,13 @@ class SketchWalkSelector(BlockSelector):
         self._static_first = min(self.state.layers) if self.state.layers else None
 
     def select_decode_static(self, layer_idx: int, module, query: torch.Tensor, k_new: torch.Tensor,
-                             n_blocks: int) -> BlockLists:
+                             n_blocks: int, key_cache: Optional[torch.Tensor] = None,
+                             n_keys: Optional[torch.Tensor] = None) -> BlockLists:
         """The fused decode step (:meth:`_select_decode_fused`) on device-side state only: the fold into block
         n_blocks - 1 (prepared empty by :meth:`prepare_static_decode`), scores, walk with this step's previous sparse
         layer, lists. The Triton kernels on CUDA, :func:`sketch_walk.kernels.decode_select.decode_select_reference`
-        (the same effects in torch) elsewhere."""
+        (the same effects in torch) elsewhere; with decode_rerank, their lists are the shortlist, re-ranked over
+        ``key_cache`` up to ``n_keys`` (:meth:`_rerank`)."""
         from .kernels.decode_select import decode_select_reference, decode_select_triton
         c = self.config
         st = self.state.layers[layer_idx]
@@ -516,11 +532,16 @@ class SketchWalkSelector(BlockSelector):
         fn = decode_select_triton if resolve_backend(query.device, self.backend) == "triton" else decode_select_reference
         idx, cnt, rr = fn(
             q_in, summ_a, summ_b, n_blocks, scale, select_per=c.select_per, sparsity_exponent=c.sparsity_exponent,
-            walk_damping=c.walk_damping, n_sink=c.n_sink, n_local=c.n_local, top_k_blocks=c.top_k_blocks,
+            walk_damping=c.walk_damping, n_sink=c.n_sink, n_local=c.n_local,
+            top_k_blocks=c.top_k_blocks * max(1, c.decode_rerank),                   # decode_rerank: the shortlist
             w_cache=st.w_cache if walk else None, r_prev=prev, k_new=k_new if minmax else None,
             counts=st.keys.counts if minmax else None, new_block=False)
         if walk:
             self.state.decode_r = rr
+        if c.decode_rerank:
+            if key_cache is None or n_keys is None:
+                raise RuntimeError("decode_rerank in a static decode step needs the key cache and its length")
+            return self._rerank(query, key_cache, idx, self._scale(module, d), n_blocks=n_blocks, n_valid=n_keys)
         return idx, cnt
 
     def finish_static_decode(self, n_keys: int) -> None:

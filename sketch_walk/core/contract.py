@@ -95,11 +95,14 @@ class BlockSelector:
         ``capacity_tokens`` tokens (no allocation, growth or block opening may happen in a step)."""
 
     def select_decode_static(self, layer_idx: int, module, query: torch.Tensor, k_new: torch.Tensor,
-                             n_blocks: int) -> BlockLists:
+                             n_blocks: int, key_cache: Optional[torch.Tensor] = None,
+                             n_keys: Optional[torch.Tensor] = None) -> BlockLists:
         """:meth:`select_decode` for a step that may be captured in a CUDA graph and replayed for every token of the
         block: ``k_new`` (B, H_kv, d) the new key, ``n_blocks`` the blocks so far (the new token's included: host
-        constant while a graph serves the block). Fixed shapes, state updated in place on the device, no host sync,
-        no host-side counter (:meth:`finish_static_decode` sets those)."""
+        constant while a graph serves the block); ``key_cache`` (B, H_kv, n_blocks * block_size, d) the static
+        buffer up to the block's end and ``n_keys`` its length (a device scalar), for methods that read keys.
+        Fixed shapes, state updated in place on the device, no host sync, no host-side counter
+        (:meth:`finish_static_decode` sets those)."""
         raise NotImplementedError
 
     def finish_static_decode(self, n_keys: int) -> None:

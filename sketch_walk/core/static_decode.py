@@ -212,7 +212,8 @@ class StaticStep:
         if (session is not None and window is None and not session.skip_decode
                 and session.selector.is_sparse_layer(layer)):
             k_new = key.index_select(2, self.slot).squeeze(2)              # (B, H_kv, d)
-            idx, cnt = session.selector.select_decode_static(layer, module, query, k_new, self.nb)
+            idx, cnt = session.selector.select_decode_static(layer, module, query, k_new, self.nb, key_cache=key,
+                                                             n_keys=self.n_keys)
             out, _ = block_sparse_decode(query, key, value, idx, cnt, bs, sm_scale=scaling, backend=session.backend,
                                          n_keys=self.n_keys)
             att = attended_keys_static(idx, cnt, self.n_keys, self.nb, bs).sum()
