@@ -78,9 +78,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--attn_backend", default=None, choices=["auto", "triton", "torch"],
                         help="sparse attention kernels (sparse server types; default auto)")
-    parser.add_argument("--graph_decode", default="auto", choices=["auto", "on", "off"],
+    # off by default until tests/test_graph_decode.py has passed on a GPU (so far checked on the CPU and under
+    # Triton's interpreter only: docs/PERFORMANCE.md); then the default becomes auto
+    parser.add_argument("--graph_decode", default="off", choices=["auto", "on", "off"],
                         help="decode steps on a static KV cache, replayed as CUDA graphs (auto/on: on a GPU, for dense "
-                             "and for the methods that support it; never on the CPU; off: today's eager loop)")
+                             "and for the methods that support it; never on the CPU; off, the default for now: the "
+                             "eager loop)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,7 +465,7 @@ def make_llm(plan: Plan):
                                     args.attn_backend or "auto", temperature=args.temperature, top_k=args.top_k,
                                     top_p=args.top_p, stop=args.stop_words_list, max_new_tokens=plan.max_new_tokens,
                                     random_seed=args.random_seed, dtype=args.dtype, device=plan.device,
-                                    graph_decode=getattr(args, "graph_decode", "auto"))
+                                    graph_decode=getattr(args, "graph_decode", "off"))
 
 
 def check_positions(plan: Plan, pending: List[Dict[str, Any]], llm=None) -> Optional[int]:

@@ -67,7 +67,7 @@ class HuggingFaceModel:
                  top_p: float = 1.0, stop: Sequence[str] = (), max_new_tokens: int = 128,
                  random_seed: int = 0, dtype: str = "auto", device: str = "auto",
                  repetition_penalty: float = 1.0, do_sample: Optional[bool] = None,
-                 model=None, tokenizer=None, graph_decode: str = "auto") -> None:
+                 model=None, tokenizer=None, graph_decode: str = "off") -> None:
         import torch
 
         if repetition_penalty not in (None, 1, 1.0):
