@@ -99,7 +99,8 @@ def test_sub_block_bound_is_tighter_and_still_an_upper_bound():
 
 
 def test_question_blocks_stay_in_decode():
-    cfg = SketchWalkConfig(block_size=16, top_k_blocks=2, dense_layers=0, decode_keep_question=True)
+    cfg = SketchWalkConfig(block_size=16, top_k_blocks=2, dense_layers=0, decode_keep_question=True, dense_last_blocks=0,
+                           decode_rerank=0)              # the question blocks alone: the last prefill row sparse
     sel = SketchWalkSelector(cfg)
     sel.reset(1)
     module = types.SimpleNamespace(scaling=0.25)

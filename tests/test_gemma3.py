@@ -154,7 +154,8 @@ def test_mask_pattern_check_in_row_chunks():
 
 def test_density_report_per_layer_and_type(gemma_clean, monkeypatch):
     model, ids = gemma_clean, prompt(2)
-    sess = enable_sketch_walk(model, SketchWalkConfig(block_size=BS, top_k_blocks=1, dense_layers=3),
+    sess = enable_sketch_walk(model, SketchWalkConfig(block_size=BS, top_k_blocks=1, dense_layers=3,
+                                                          dense_last_blocks=0, decode_rerank=0),
                               backend="torch")
     calls = record_selector_calls(monkeypatch, sess.selector)
     greedy_run(model, ids, STEPS)

@@ -506,7 +506,7 @@ def test_cpu_default_keeps_torch_path(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the Triton prefill path ran on CPU")
     monkeypatch.setattr(SketchWalkSelector, "_select_prefill_triton", boom)
-    sel = SketchWalkSelector(SketchWalkConfig(block_size=16, top_k_blocks=2))
+    sel = SketchWalkSelector(SketchWalkConfig(block_size=16, top_k_blocks=2, dense_last_blocks=0))
     sel.reset(1)
     idx, cnt = sel.select_prefill(2, None, torch.randn(1, 2, 100, 16), torch.randn(1, 1, 100, 16))
     assert idx.shape[:3] == (1, 1, 7) and int(cnt.max()) == 4

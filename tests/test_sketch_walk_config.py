@@ -22,13 +22,16 @@ def test_defaults_match_algorithm_md():
         "block_size": 64, "sketch_dim": 64, "top_k_blocks": 16, "sparsity_exponent": 8.0, "skip_decode": False,
         "key_summary": "minmax", "select_per": "layer", "dense_layers": 2, "n_sink": 1,
         "n_local": 1, "dense_last_blocks": 0, "walk_damping": 0.25, "walk_steps": 1, "decode_query_window": 1,
-        "hadamard_seed": 0}
+        "hadamard_seed": 0, "decode_rerank": 0}
     d = c.to_dict()
-    assert {k: d[k] for k in seed} == seed
+    # the defaults are the seed's knobs but two, chosen by docs/EVIDENCE.md "Selection evidence"
+    assert {k: d[k] for k in seed if d[k] != seed[k]} == {"dense_last_blocks": 1, "decode_rerank": 8}
     assert d["selector"] == "sketchwalk" and d["preset"] == "none" and d["budget_mode"] == "fixed"
     assert c.budget == 18
-    # the seed preset is the defaults (every knob but selector and preset), so --preset seed changes nothing today
-    assert SketchWalkConfig.from_dict({"preset": "seed"}).replace(preset="none") == c
+    # --preset seed is the seed's knobs exactly, one flag from the defaults
+    s = SketchWalkConfig.from_dict({"preset": "seed"})
+    assert {k: getattr(s, k) for k in seed} == seed
+    assert s.replace(preset="none", dense_last_blocks=1, decode_rerank=8) == c
 
 
 def test_presets_apply_under_explicit_knobs():
