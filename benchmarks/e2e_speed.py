@@ -117,12 +117,8 @@ def build_llama(cfg_dict: Dict[str, Any], device: str, dtype: torch.dtype):
     finally:
         torch.set_default_dtype(old)
     model = model.to(dtype).eval()
-    setter = getattr(model, "set_attn_implementation", None)
-    if setter is not None:
-        try:
-            setter("sdpa")
-        except Exception:
-            pass
+    from sketch_walk.core.hook import set_attention_implementation
+    set_attention_implementation(model, "sdpa")
     return model, IdsTokenizer(None, cfg.vocab_size)
 
 
@@ -200,13 +196,8 @@ def release(llm, model) -> None:
     restore = getattr(llm, "restore_model", None)
     if restore is not None:
         restore()
-    setter = getattr(model, "set_attn_implementation", None)
-    if setter is not None:
-        try:
-            setter("sdpa")
-        except Exception:
-            pass
-    model.config._attn_implementation = "sdpa"
+    from sketch_walk.core.hook import set_attention_implementation
+    set_attention_implementation(model, "sdpa")
 
 
 def _median(xs):

@@ -132,13 +132,8 @@ def main() -> None:
                 pass
         finally:
             session.disable()
-            setter = getattr(model, "set_attn_implementation", None)
-            if setter is not None:
-                try:
-                    setter("sdpa")
-                except Exception:
-                    pass
-            model.config._attn_implementation = "sdpa"
+            from sketch_walk.core.hook import set_attention_implementation
+            set_attention_implementation(model, "sdpa")
         row["last_logits_rel_diff"] = float((ls - ld).norm() / ld.norm())
         row["sdpa_one_layer_ms"] = sdpa_ms(n, cfg.num_attention_heads, cfg.num_key_value_heads, 128)
         rest = row["dense_ms"] - args.layers * row["sdpa_one_layer_ms"]

@@ -86,6 +86,15 @@ class LayerDecodeState:
     question_width: int = 0
     padded_means: bool = False
 
+    def grow(self, cap: int) -> None:
+        """The block axes of k_t, question and W_cache to at least ``cap`` blocks (the new entries zero)."""
+        if self.k_t is not None and self.k_t.shape[2] < cap:
+            self.k_t = grow_blocks(self.k_t, cap, [2])
+        if self.question is not None and self.question.shape[2] < cap:
+            self.question = grow_blocks(self.question, cap, [2])
+        if self.w_cache is not None and self.w_cache.shape[2] < cap:
+            self.w_cache = grow_blocks(self.w_cache, cap, [2, 3])
+
     def append_key(self, k_new: torch.Tensor, srht_matrix: Optional[torch.Tensor],
                    minmax_elsewhere: bool = False) -> int:
         """Fold the new key (B, H_kv, d) into the running summaries of its block, in O(d). Returns n_b.
@@ -100,14 +109,8 @@ class LayerDecodeState:
         i = pos // self.block_size
         j = self.keys.append(k_new, minmax_elsewhere=minmax_elsewhere)     # == i unless keys hold sub-blocks
         if pos % self.block_size == 0:
-            cap = -(-self.keys.capacity * self.keys.block_size // self.block_size)
-            if self.k_t is not None and self.k_t.shape[2] < cap:
-                self.k_t = grow_blocks(self.k_t, cap, [2])
-            if self.question is not None and self.question.shape[2] < cap:
-                self.question = grow_blocks(self.question, cap, [2])
+            self.grow(-(-self.keys.capacity * self.keys.block_size // self.block_size))
             if self.w_cache is not None:
-                if self.w_cache.shape[2] < cap:
-                    self.w_cache = grow_blocks(self.w_cache, cap, [2, 3])
                 self.w_cache[:, :, i, :].fill_(0)
                 self.w_cache[:, :, :, i].fill_(0)
         if self.k_t is not None:
@@ -491,13 +494,8 @@ class SketchWalkSelector(BlockSelector):
             if keys.kmax is not None:
                 keys.kmax[:, :, now:].fill_(float("-inf"))
                 keys.kmin[:, :, now:].fill_(float("inf"))
-            if st.k_t is not None and st.k_t.shape[2] < cap:
-                st.k_t = grow_blocks(st.k_t, cap, [2])
-            if st.question is not None and st.question.shape[2] < cap:
-                st.question = grow_blocks(st.question, cap, [2])
+            st.grow(cap)
             if st.w_cache is not None:
-                if st.w_cache.shape[2] < cap:
-                    st.w_cache = grow_blocks(st.w_cache, cap, [2, 3])
                 st.w_cache[:, :, now:].zero_()
                 st.w_cache[:, :, :, now:].zero_()
         self._static_first = min(self.state.layers) if self.state.layers else None

@@ -32,3 +32,18 @@ def greedy_run(model, ids: torch.Tensor, steps: int) -> Tuple[torch.Tensor, List
             logits.append(out.logits[0])
             nxt = out.logits[:, -1:].argmax(-1)
     return torch.cat(logits, 0), toks
+
+
+class NumberTokenizer:
+    """Prompts are space-separated ids; text is ids (the generation loop's tests, no vocabulary)."""
+    pad_token_id = 0
+    eos_token_id = None
+
+    def __call__(self, text, add_special_tokens=False, **kw):
+        return {"input_ids": [int(x) for x in text.split()]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(int(i)) for i in ids)
+
+    def get_vocab(self):
+        return {}

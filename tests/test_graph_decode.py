@@ -13,23 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from greedy import NumberTokenizer
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 NEAR_TIE = 0.25
 
 
-class NumberTokenizer:
-    pad_token_id = 0
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens=False, **kw):
-        return {"input_ids": [int(x) for x in text.split()]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(str(int(i)) for i in ids)
-
-    def get_vocab(self):
-        return {}
 
 
 def _tiny_llama(dtype):

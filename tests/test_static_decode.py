@@ -10,22 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from greedy import NumberTokenizer
+
 from eval.ruler.pred.model_wrappers import HuggingFaceModel, SparseAttentionModel
 
 
-class NumberTokenizer:
-    """Prompts are space-separated ids; text is ids."""
-    pad_token_id = 0
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens=False, **kw):
-        return {"input_ids": [int(x) for x in text.split()]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(str(int(i)) for i in ids)
-
-    def get_vocab(self):
-        return {}
 
 
 def _llama(layers=4):

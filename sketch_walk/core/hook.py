@@ -285,7 +285,7 @@ class SparseAttentionSession:
     def disable(self) -> None:
         """Restore the model's previous attention implementation and detach the selector."""
         prev = self.previous_implementation or "sdpa"
-        _set_implementation(self.model, prev)
+        set_attention_implementation(self.model, prev)
         for m in self.modules.values():
             if getattr(m, SESSION_ATTR, None) is self:
                 delattr(m, SESSION_ATTR)
@@ -469,7 +469,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     return session.forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
-def _set_implementation(model, name: str) -> None:
+def set_attention_implementation(model, name: str) -> None:
+    """Point ``model`` (and every sub-config, for models whose sub-modules keep their own) at the attention
+    implementation ``name`` of transformers' registry ("sdpa" gives transformers' own back)."""
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:
         try:
@@ -510,7 +512,7 @@ def enable_sparse_attention(model, selector: BlockSelector, *, skip_decode: bool
     for m in session.modules.values():
         setattr(m, SESSION_ATTR, session)
     setattr(model, SESSION_ATTR, session)
-    _set_implementation(model, ATTN_NAME)
+    set_attention_implementation(model, ATTN_NAME)
     if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
         raise UsageError(f"could not switch {type(model).__name__} to attn_implementation '{ATTN_NAME}'")
     return session

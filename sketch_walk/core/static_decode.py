@@ -61,7 +61,7 @@ def use_static_attention(model) -> bool:
     """Switch a dense model (no sparse session) to :data:`STATIC_SDPA_NAME` (SDPA, plus static decode steps).
     Returns whether it was switched now (False: already)."""
     global _registered
-    from .hook import _set_implementation
+    from .hook import set_attention_implementation
     if getattr(model.config, "_attn_implementation", None) == STATIC_SDPA_NAME:
         return False
     if not _registered:
@@ -73,7 +73,7 @@ def use_static_attention(model) -> bool:
         except ImportError:
             pass
         _registered = True
-    _set_implementation(model, STATIC_SDPA_NAME)
+    set_attention_implementation(model, STATIC_SDPA_NAME)
     return True
 
 

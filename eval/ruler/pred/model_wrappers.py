@@ -174,8 +174,8 @@ class HuggingFaceModel:
         """A dense model switched to the static-decode attention goes back to SDPA (the session's own disable()
         restores a sparse one)."""
         if self._static_attention:
-            from sketch_walk.core.hook import _set_implementation
-            _set_implementation(self.model, "sdpa")
+            from sketch_walk.core.hook import set_attention_implementation
+            set_attention_implementation(self.model, "sdpa")
             self._static_attention = False
 
     # ------------------------------------------------------------------ generation
