@@ -218,8 +218,10 @@ def test_stage2_decode_config(tmp_path, capsys):
         "dense", "sketchwalk", "sketchwalk_skip_decode", "sketchwalk_dlb1", "sketchwalk_dlb1_skip_decode",
         "oracle_skip_decode")}
     assert len(preds) == 6 * 7
-    want = {"sketchwalk": "--dense_last_blocks 0", "sketchwalk_skip_decode": "--dense_last_blocks 0 --skip_decode",
-            "sketchwalk_dlb1": "--dense_last_blocks 1", "sketchwalk_dlb1_skip_decode": "--dense_last_blocks 1 --skip_decode",
+    want = {"sketchwalk": "--dense_last_blocks 0 --decode_rerank 0",
+            "sketchwalk_skip_decode": "--dense_last_blocks 0 --decode_rerank 0 --skip_decode",
+            "sketchwalk_dlb1": "--dense_last_blocks 1 --decode_rerank 0",
+            "sketchwalk_dlb1_skip_decode": "--dense_last_blocks 1 --decode_rerank 0 --skip_decode",
             "oracle_skip_decode": "--dense_last_blocks 0 --selector oracle --skip_decode"}
     for m, f in want.items():
         [line] = flags[m]
