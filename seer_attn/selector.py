@@ -269,15 +269,7 @@ class SeerAttnSelector(BlockSelector):
         min +inf): folding a key into an empty block then equals opening it."""
         cap = -(-capacity_tokens // self.block_size)
         for cache in self._cache.values():
-            summ = cache.summary
-            now = summ.n_blocks
-            summ.ensure_capacity(cap)
-            summ.counts[now:].zero_()
-            if summ.sums is not None:
-                summ.sums[:, :, now:].zero_()
-            if summ.kmax is not None:
-                summ.kmax[:, :, now:].fill_(float("-inf"))
-                summ.kmin[:, :, now:].fill_(float("inf"))
+            cache.summary.empty_from(cap)
             if cache.keys.shape[2] < cap:
                 pad = cache.keys.new_zeros(*cache.keys.shape[:2], cap - cache.keys.shape[2], cache.keys.shape[3])
                 cache.keys = torch.cat([cache.keys, pad], dim=2)
@@ -295,14 +287,7 @@ class SeerAttnSelector(BlockSelector):
         gate = self.gates[layer_idx]
         summ = cache.summary
         j = n_blocks - 1
-        k_pre = k[:, :, -1]
-        summ.counts[j] += 1
-        if summ.sums is not None:
-            summ.sums[:, :, j] += k_pre.to(summ.sums.dtype)
-        if summ.kmax is not None:
-            kf = k_pre.float()
-            summ.kmax[:, :, j] = torch.maximum(summ.kmax[:, :, j], kf)
-            summ.kmin[:, :, j] = torch.minimum(summ.kmin[:, :, j], kf)
+        summ.fold(k[:, :, -1], j)
         cos, sin = self.rope.at(j * self.block_size, query.device)
         pooled = pools_from_summary(summ, gate.k_pools, block=j)
         cache.keys[:, :, j:j + 1] = apply_rope(gate.project_k(pooled), cos, sin)

@@ -485,15 +485,8 @@ class SketchWalkSelector(BlockSelector):
         bs = self.config.block_size
         cap = num_blocks(capacity_tokens, bs)
         for st in self.state.layers.values():
-            keys = st.keys
-            now = keys.n_blocks
-            keys.ensure_capacity(cap)
-            keys.counts[now:].zero_()
-            if keys.sums is not None:
-                keys.sums[:, :, now:].zero_()
-            if keys.kmax is not None:
-                keys.kmax[:, :, now:].fill_(float("-inf"))
-                keys.kmin[:, :, now:].fill_(float("inf"))
+            now = st.keys.n_blocks
+            st.keys.empty_from(cap)
             st.grow(cap)
             if st.w_cache is not None:
                 st.w_cache[:, :, now:].zero_()
@@ -520,10 +513,8 @@ class SketchWalkSelector(BlockSelector):
         else:
             j = n_blocks - 1
             s_mat = self._srht(layer_idx, d, query.device)
-            keys = st.keys
-            keys.counts[j] += 1
-            keys.sums[:, :, j] += k_new.to(keys.sums.dtype)
-            st.k_t[:, :, j] = srht(keys.mean(j, padded=st.padded_means).float(), s_mat)
+            st.keys.fold(k_new, j)
+            st.k_t[:, :, j] = srht(st.keys.mean(j, padded=st.padded_means).float(), s_mat)
             q_in, summ_a, summ_b = srht(q_new, s_mat), st.k_t, None
         walk = c.walk_damping > 0
         prev = self.state.decode_r if walk and layer_idx != getattr(self, "_static_first", None) else None

@@ -173,11 +173,28 @@ class RunningBlockSummary:
         self.n = pos + 1
         if minmax_elsewhere:
             return i
-        self.counts[i] += 1
+        self.fold(k_new, i)
+        return i
+
+    def fold(self, k_new: torch.Tensor, block: int) -> None:
+        """Add k_new (B, H_kv, d) to block ``block``'s count, sum and max / min (those kept), in place, no host sync
+        (``n`` is the caller's: a static decode step folds without moving it)."""
+        self.counts[block] += 1
         if self.sums is not None:
-            self.sums[:, :, i] += k_new.to(self.sums.dtype)
+            self.sums[:, :, block] += k_new.to(self.sums.dtype)
         if self.kmax is not None:
             kf = k_new.float()
-            self.kmax[:, :, i] = torch.maximum(self.kmax[:, :, i], kf)
-            self.kmin[:, :, i] = torch.minimum(self.kmin[:, :, i], kf)
-        return i
+            self.kmax[:, :, block] = torch.maximum(self.kmax[:, :, block], kf)
+            self.kmin[:, :, block] = torch.minimum(self.kmin[:, :, block], kf)
+
+    def empty_from(self, capacity_blocks: int) -> None:
+        """Grow to ``capacity_blocks`` and make every block past the first n_b empty (count 0, sum 0, max -inf,
+        min +inf): folding a key into such a block then equals opening it (static decode opens none on the host)."""
+        now = self.n_blocks
+        self.ensure_capacity(capacity_blocks)
+        self.counts[now:].zero_()
+        if self.sums is not None:
+            self.sums[:, :, now:].zero_()
+        if self.kmax is not None:
+            self.kmax[:, :, now:].fill_(float("-inf"))
+            self.kmin[:, :, now:].fill_(float("inf"))
