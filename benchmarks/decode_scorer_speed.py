@@ -28,8 +28,9 @@ import torch
 from attention_speed import BS, D, H, HKV, bench_ms, graph_step_ms     # siblings: benchmarks/ is the script's folder
 from results_io import header, results_path, write_json
 
-#: candidate decode scorers / budgets (issue 17): every knob not named is the default
-CANDIDATES = {
+#: candidate decode scorers / budgets (issue 17): every knob not named is the seed's (``--preset seed``; the
+#: project's defaults gained --dense_last_blocks 1 --decode_rerank 8 later, so ``{}`` would time the re-ranking)
+_CANDIDATE_KNOBS = {
     "seed": {},
     "seed_torch": {},                                       # the same, on the torch path (the kernels' reference)
     "sub4": {"key_sub_blocks": 4},                          # Kmax / Kmin of 16-token sub-blocks (LServe)
@@ -43,7 +44,10 @@ CANDIDATES = {
     "rerank4": {"decode_rerank": 4},                        # Triton shortlist of 64, exact mass over its keys
     "rerank8": {"decode_rerank": 8},                        # a shortlist of 128
     "rerank8_kernel": {"decode_rerank": 8},                 # the same, re-ranked by kernels/rerank_select.py
+    "rerank4_kernel": {"decode_rerank": 4},
 }
+CANDIDATES = {name: knobs if "preset" in knobs else {"preset": "seed", **knobs}
+              for name, knobs in _CANDIDATE_KNOBS.items()}
 
 
 def copy_bandwidth_gbs() -> float:
