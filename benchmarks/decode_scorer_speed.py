@@ -42,7 +42,7 @@ _CANDIDATE_KNOBS = {
     "mass": {"budget_mode": "mass", "budget_mass": 0.99, "sparsity_exponent": 1.0, "budget_max_blocks": 16},
     "authors": {"preset": "authors"},
     "rerank4": {"decode_rerank": 4},                        # Triton shortlist of 64, exact mass over its keys
-    "rerank8": {"decode_rerank": 8},                        # a shortlist of 128
+    "rerank8": {"decode_rerank": 8},                        # a shortlist of 128, re-ranked by ~25 PyTorch ops
     "rerank8_kernel": {"decode_rerank": 8},                 # the same, re-ranked by kernels/rerank_select.py
     "rerank4_kernel": {"decode_rerank": 4},
 }
@@ -77,10 +77,10 @@ def run_candidate(name: str, knobs: dict, n: int) -> dict:
 
     cfg = SketchWalkConfig.from_dict(dict(knobs))
     sel = SketchWalkSelector(cfg)
-    if name.endswith("_kernel"):                # the opt-in Triton re-ranking (SketchWalkSelector._rerank_kernel)
+    if name.endswith("_kernel"):                # the Triton re-ranking (SketchWalkSelector._rerank_kernel)
         os.environ["SKETCH_WALK_RERANK_KERNEL"] = "1"
-    else:
-        os.environ.pop("SKETCH_WALK_RERANK_KERNEL", None)
+    else:                                       # the PyTorch re-ranking (the kernel is the default on the GPU)
+        os.environ["SKETCH_WALK_RERANK_KERNEL"] = "0"
     if name.endswith("_torch"):
         sel.backend = "torch"
     sel.reset(1)

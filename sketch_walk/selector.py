@@ -224,9 +224,11 @@ class SketchWalkSelector(BlockSelector):
 
     def _rerank_kernel(self, device) -> bool:
         """Whether the re-ranking runs sketch_walk/kernels/rerank_select.py (two launches) instead of ~25 PyTorch ops:
-        opt-in with SKETCH_WALK_RERANK_KERNEL=1 on the Triton backend until it has been checked and timed on a GPU
-        (so far: against the PyTorch path under Triton's interpreter, tests/test_decode_rerank.py)."""
-        return os.environ.get("SKETCH_WALK_RERANK_KERNEL") == "1" and resolve_backend(device, self.backend) == "triton"
+        on the Triton backend (the GPU's), unless SKETCH_WALK_RERANK_KERNEL=0. Its lists equal the PyTorch path's on
+        the H200 and under Triton's interpreter (tests/test_decode_rerank.py); the step at 128K as a CUDA graph took
+        117 us against the PyTorch path's 271 us (docs/PERFORMANCE.md section 6)."""
+        return (os.environ.get("SKETCH_WALK_RERANK_KERNEL", "1") != "0"
+                and resolve_backend(device, self.backend) == "triton")
 
     def _question_blocks(self, walk: torch.Tensor, n_tokens: int) -> Tuple[torch.Tensor, int]:
         """The blocks the prompt's last query block keeps under the budget (dense_last aside): (B, G', n_b) bool and

@@ -124,6 +124,21 @@ def test_rerank_knob_validation():
     assert "decode_rerank" in SketchWalkConfig(decode_rerank=4, skip_decode=True).inactive_knobs()
 
 
+
+def test_rerank_kernel_is_the_gpu_default(monkeypatch):
+    """The Triton re-ranking runs wherever the selector's backend is Triton (the GPU's: 'auto' on CUDA) unless
+    SKETCH_WALK_RERANK_KERNEL=0; the torch backend (the CPU's) never runs it."""
+    sel = SketchWalkSelector(SketchWalkConfig(decode_rerank=4))
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("SKETCH_WALK_RERANK_KERNEL", raising=False)
+    monkeypatch.delenv("SKETCH_WALK_ATTN_BACKEND", raising=False)
+    assert sel._rerank_kernel(cuda) and not sel._rerank_kernel(torch.device("cpu"))
+    monkeypatch.setenv("SKETCH_WALK_RERANK_KERNEL", "0")
+    assert not sel._rerank_kernel(cuda)
+    monkeypatch.setenv("SKETCH_WALK_RERANK_KERNEL", "1")
+    sel.backend = "torch"
+    assert not sel._rerank_kernel(cuda)
+
 # ----------------------------------------------------------------------------------------------
 # The Triton re-ranking (sketch_walk.kernels.rerank_select) under the interpreter, and on a GPU
 # ----------------------------------------------------------------------------------------------
