@@ -13,7 +13,8 @@ whose samples are the same as stage 2's: checked here by (task, length, index, s
 {root}/two_gpu/two_gpu.json (one GPU vs torchrun on two),
 {root}/e2e_32k/comparison/comparison.json (end-to-end seconds per sample of one process alone) and
 {root}/selection_{evidence,fresh,curves}/comparison/comparison.json (issue 18's rows: each cell's accuracy with its
-interval and both densities, and the mean over cells minus dense with its paired interval, eval/ruler/mean_difference.py).
+interval and both densities, and the mean over cells minus dense with its paired interval, eval/ruler/mean_difference.py;
+rows run without a same-run dense (Gemma-3) are read beside {root}/stage2_decode's, with the score per needle depth).
 Models whose layers differ (Gemma-3) also get the prefill density per layer type.
 """
 import gzip
@@ -294,6 +295,9 @@ def selection_tables():
         if not exists(f"{folder}/comparison.json"):
             continue
         d = load(f"{folder}/comparison.json")
+        if d["baseline"] is None:              # rows run without a same-run baseline (Gemma-3): read beside stage 2's
+            pooled_selection_table(name)
+            continue
         samples = load_samples(path_of(samples_path(folder)))
         base = d["baseline"]
         print(f"\n{name}: RULER score [95%] / prefill density / decode density; mean over cells; Δ vs {base} "
@@ -313,6 +317,41 @@ def selection_tables():
                 point, (lo, hi), _, _ = paired_mean_difference(samples[base], samples[run])
                 delta = f"{100 * point:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
             print(f"| {run} | " + " | ".join(row) + f" | {d['summary'][run]['score_mean']:.1f} | {delta} |")
+
+
+def pooled_selection_table(name, reused="stage2_decode/comparison", depth_length="32768"):
+    """docs/EVIDENCE.md 3.7: rows of ``name`` (its comparison*/ folders, e.g. a run cut short compared apart) beside
+    the reused rows of ``reused`` on the same prompts: RULER score per cell (n where short of the cell's), the mean
+    over cells, and the paired interval of its difference to dense over the samples both have; then the score per
+    needle-depth quartile at ``depth_length``."""
+    from eval.ruler.mean_difference import load as load_samples, paired_mean_difference
+    folders = [reused] + sorted(f"{name}/{f}" for f in os.listdir(path_of(name)) if f.startswith("comparison"))
+    samples, records = {}, []
+    for folder in folders:
+        samples.update(load_samples(path_of(samples_path(folder))))
+        records += list(sample_records(samples_path(folder)))
+    cells = sorted({cell for run in samples.values() for cell in run}, key=lambda c: (int(c[1]), c[0]))
+    print(f"\n{name} beside {reused}: RULER score per cell (n where short); mean over cells; Δ vs dense [paired 95%]\n")
+    print("| method | " + " | ".join(f"{t} @ {fmt_len(int(n))}" for t, n in cells) + " | mean | Δ vs dense |")
+    print("| --- |" + " --- |" * (len(cells) + 2))
+    full = max(len(v) for run in samples.values() for v in run.values())
+    for run, by_cell in samples.items():
+        scores = [100 * sum(by_cell[c].values()) / len(by_cell[c]) for c in cells]
+        row = [f"{x:.1f}" + (f" (n = {len(by_cell[c])})" if len(by_cell[c]) < full else "") for x, c in zip(scores, cells)]
+        delta = "-"
+        if run != "dense":
+            point, (lo, hi), _, n = paired_mean_difference(samples["dense"], by_cell)
+            delta = f"{100 * point:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] ({n} samples)"
+        print(f"| {run} | " + " | ".join(row) + f" | {sum(scores) / len(scores):.1f} | {delta} |")
+    print(f"\nscore per needle-depth quartile at {fmt_len(int(depth_length))} (samples):\n")
+    for task in sorted({t for t, n in cells if n == depth_length}):
+        print(f"| {task} | 0-25% | 25-50% | 50-75% | 75-100% |\n| --- | --- | --- | --- | --- |")
+        for run in samples:
+            bins = [[] for _ in range(4)]
+            for r in records:
+                if r["run"] == run and r["task"] == task and str(r["length"]) == depth_length:
+                    bins[min(int(r["depth"]) // 25, 3)].append(r["score_all"])
+            print(f"| {run} | " + " | ".join(f"{100 * sum(b) / len(b):.0f} ({len(b)})" if b else "-" for b in bins) + " |")
 
 
 def main(argv=None):
