@@ -124,7 +124,6 @@ def test_rerank_knob_validation():
     assert "decode_rerank" in SketchWalkConfig(decode_rerank=4, skip_decode=True).inactive_knobs()
 
 
-
 def test_rerank_kernel_is_the_gpu_default(monkeypatch):
     """The Triton re-ranking runs wherever the selector's backend is Triton (the GPU's: 'auto' on CUDA) unless
     SKETCH_WALK_RERANK_KERNEL=0; the torch backend (the CPU's) never runs it."""
@@ -138,6 +137,7 @@ def test_rerank_kernel_is_the_gpu_default(monkeypatch):
     monkeypatch.setenv("SKETCH_WALK_RERANK_KERNEL", "1")
     sel.backend = "torch"
     assert not sel._rerank_kernel(cuda)
+
 
 # ----------------------------------------------------------------------------------------------
 # The Triton re-ranking (sketch_walk.kernels.rerank_select) under the interpreter, and on a GPU

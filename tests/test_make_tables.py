@@ -72,11 +72,11 @@ def test_root_without_stage1_is_a_usage_error(tmp_path, capsys):
     assert f"--root {tmp_path}: no stage1/comparison/comparison.json" in err and "Traceback" not in err
 
 
-def test_committed_gemma_selection_rows(capsys):
+def test_committed_gemma_selection_rows(capsys, monkeypatch):
     """The committed Gemma-3 selection rows (run without a same-run dense) read beside stage2_decode's on the same
     prompts: the default's mean and paired difference, the cut oracle's sample counts, the depth quartiles."""
     root = Path(__file__).resolve().parents[1] / "results" / "ruler_gemma3"
-    mt.ROOT = str(root)
+    monkeypatch.setattr(mt, "ROOT", str(root))
     mt.pooled_selection_table("selection_evidence")
     out = capsys.readouterr().out
     assert "| default | 66.0 | 60.0 | 100.0 | 50.0 | 58.0 | 92.0 | 32.0 | 42.0 | 62.5 | -14.5 [" in out
