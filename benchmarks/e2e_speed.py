@@ -239,6 +239,10 @@ def run_row(row: str, model, tok, prompts: List[str], args, device: str, n: int)
     }
     if row.startswith("seerattn"):
         out["note"] = "randomly initialised gates of the model's geometry: timing only, not a trained gate's density"
+    if knobs and knobs.get("decode_rerank") and not knobs.get("skip_decode") and not row.startswith("allkept"):
+        # which re-ranking ran (SketchWalkSelector._rerank_kernel: the Triton one on the GPU unless turned off)
+        kernel = device.startswith("cuda") and os.environ.get("SKETCH_WALK_RERANK_KERNEL", "1") != "0"
+        out["rerank_path"] = "triton kernel" if kernel else "pytorch"
     return out
 
 

@@ -35,6 +35,7 @@ def test_e2e_speed_smoke(tmp_path, capsys):
     assert rows["sketchwalk_graph"]["graph_decode"] is False          # the CPU never captures graphs
     assert 0 < rows["sketchwalk_graph"]["density"]["prefill"] < 1     # top_k 2 of 8 blocks: really sparse
     assert "random" in rows["seerattn"]["note"]
+    assert rows["sketchwalk_graph"]["rerank_path"] == "pytorch" and "rerank_path" not in rows["dense"]   # the CPU
     assert "tiny-llama @ 512" in stdout
 
     # a second slice merges into the same file
