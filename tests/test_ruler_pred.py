@@ -595,15 +595,19 @@ def test_seerattn_real_session_on_tiny_model(tiny_model, tmp_path):
     assert set(plan.manifest_key["checkpoint_files"]) == {"gates.safetensors"}  # retrained gates change the key
 
 
-def test_warmup_length_by_device(monkeypatch):
-    """The warm-up generates 2 tokens on the CPU and the whole max_new_tokens on a GPU, then restores it."""
+def test_warmup_prompt_by_device(monkeypatch):
+    """The warm-up generates the whole max_new_tokens on both; from the prompt's first CPU_WARMUP_CHARS characters on
+    the CPU (a first CPU sample is not slower without a whole-prompt warm-up: docs/PERFORMANCE.md section 9), from
+    the whole prompt on a GPU."""
     import torch
 
     seen = []
     llm = object.__new__(mw.HuggingFaceModel)
     llm.session = None
-    monkeypatch.setattr(llm, "_run_session_batch", lambda prompts: seen.append(llm.max_new_tokens) or [], raising=False)
-    for device, want in (("cpu", 2), ("cuda", 64)):
+    monkeypatch.setattr(llm, "_run_session_batch", lambda prompts: seen.append((prompts, llm.max_new_tokens)) or [],
+                        raising=False)
+    prompt = "x" * (mw.CPU_WARMUP_CHARS + 500)
+    for device, want in (("cpu", prompt[:mw.CPU_WARMUP_CHARS]), ("cuda", prompt)):
         llm.device, llm.max_new_tokens = torch.device(device), 64
-        llm.warmup("a prompt")
-        assert seen[-1] == want and llm.max_new_tokens == 64
+        llm.warmup(prompt)
+        assert seen[-1] == ([want], 64) and llm.max_new_tokens == 64

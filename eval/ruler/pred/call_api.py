@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompts per forward (left padded; sparse methods select per prompt, as at batch 1)")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the task's tokens_to_generate")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                        help="an untimed generation of the first prompt before timing: its whole max_new_tokens on a GPU, 2 tokens on the CPU (default on)")
+                        help="an untimed generation of the first prompt before timing: the whole of it on a GPU, its first 1,000 characters on the CPU (default on)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start this prediction file afresh even if it exists with another manifest")
     parser.add_argument("--truncate_to_positions", action="store_true",

@@ -34,6 +34,11 @@ from sketch_walk.core.errors import UsageError
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>",
                       "<end_of_turn>", "</s>", "<|eom_id|>")
 
+# The CPU's warm-up generates from the prompt's first characters only (about 250 tokens): on the CPU a first sample
+# is not slower than the others with or without a warm-up of the whole prompt (docs/PERFORMANCE.md section 9), so the
+# warm-up only runs the loop's code paths once, for about a second instead of a whole prefill.
+CPU_WARMUP_CHARS = 1000
+
 
 def _sync(device) -> None:
     import torch
@@ -330,15 +335,11 @@ class HuggingFaceModel:
         kernel compilation and autotuning, per-shape library plans) do not land in the first sample's
         times. On a GPU the whole generation (``max_new_tokens``), so that every decode length of the
         first prompt has run once: with a prefill and 2 decode steps only, the first of 10 Gemma-3
-        samples at 32K still took up to 3.5x the median (H100). On the CPU a prefill and 2 decode steps
-        (nothing to compile or plan, and CPU decode is slow)."""
-        saved = self.max_new_tokens
+        samples at 32K still took up to 3.5x the median (H100). On the CPU the prompt's first
+        ``CPU_WARMUP_CHARS`` characters only (nothing to compile or plan there)."""
         if self.device.type != "cuda":
-            self.max_new_tokens = min(saved, 2)
-        try:
-            self._run_session_batch([prompt])
-        finally:
-            self.max_new_tokens = saved
+            prompt = prompt[:CPU_WARMUP_CHARS]
+        self._run_session_batch([prompt])
 
     def describe(self) -> Dict[str, Any]:
         """The session's knobs (empty for dense), for the run manifest."""
