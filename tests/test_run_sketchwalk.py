@@ -628,6 +628,21 @@ def test_device_scripts(tmp_path):
     proc = source(MODEL="gemma3-270m", SKETCH_WALK_CACHE=str(tmp_path / "cache"))
     assert (tmp_path / "cache/gguf/gemma-3-270m-q4_k_m.gguf").read_bytes() == fake.read_bytes()
     assert "rc=1" in proc.stdout and "could not be converted" in proc.stderr
+    assert not (tmp_path / "cache/tokenizers").exists()
+
+    # a carried Gemma-3 tokenizer (xz-compressed, as a device call carries it) lands where model_loader looks
+    import lzma
+
+    from eval.ruler.model_loader import EMBEDDED_MODELS
+    carried = tmp_path / "tok"
+    carried.mkdir()
+    (carried / "tokenizer.json.xz").write_bytes(lzma.compress(b'{"model": "a tokenizer"}'))
+    (carried / "tokenizer_config.json").write_text("{}")
+    proc = source(MODEL="gemma3-270m", SKETCH_WALK_CACHE=str(tmp_path / "cache2"), TOKENIZER_DIR=str(carried),
+                  PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    placed = tmp_path / "cache2/tokenizers" / EMBEDDED_MODELS["gemma3-270m"].sha256[:24]
+    assert (placed / "tokenizer.json").read_bytes() == b'{"model": "a tokenizer"}', proc.stderr
+    assert (placed / "tokenizer_config.json").read_text() == "{}"
 
 
 def test_device_run_returns_when_the_sweep_ends(tmp_path):
