@@ -3,7 +3,8 @@
 #   [MODEL=smollm2] [JOBS=12] [GPUS=2] [RESERVE=90] bash eval/ruler/device_run.sh SECONDS SWEEP_YAML [run_sketchwalk.py flags]
 # SECONDS: the whole call, setup and packing included (keep it ~30 s under the call's limit).
 # Expects: $MODEL_GGUF (MODEL's GGUF joined from the carried parts), wheels in .whl/ (gguf nltk
-# wonderwords defusedxml), the essay file in .carry/ (eval/ruler/device_setup.sh does the setup and
+# wonderwords defusedxml), the essay file in .carry/, for MODEL=gemma3-270m its tokenizer as transformers 5.24
+# converts it in .gtok/ (the machine's 5.17 converts it wrongly; eval/ruler/device_setup.sh does the setup and
 # converts the model once before the parallel processes start).
 # JOBS predict processes run at once (SmolLM2 at batch 1 is launch-bound: one process leaves the GPU
 # mostly idle), spread over GPUS GPUs (default: those CUDA_VISIBLE_DEVICES names, else every GPU nvidia-smi lists;
