@@ -208,6 +208,8 @@ def _median(xs):
 def run_row(row: str, model, tok, prompts: List[str], args, device: str, n: int) -> Dict[str, Any]:
     t0 = time.time()
     llm, knobs = make_wrapper(row, model, tok, args.new_tokens, args.top_k_blocks, device, n)
+    selector = getattr(getattr(llm, "session", None), "selector", None)
+    rerank_kernel = selector._rerank_kernel(torch.device(device)) if hasattr(selector, "_rerank_kernel") else None
     try:
         tw = time.time()
         llm.warmup(prompts[0])
@@ -240,9 +242,8 @@ def run_row(row: str, model, tok, prompts: List[str], args, device: str, n: int)
     if row.startswith("seerattn"):
         out["note"] = "randomly initialised gates of the model's geometry: timing only, not a trained gate's density"
     if knobs and knobs.get("decode_rerank") and not knobs.get("skip_decode") and not row.startswith("allkept"):
-        # which re-ranking ran (SketchWalkSelector._rerank_kernel: the Triton one on the GPU unless turned off)
-        kernel = device.startswith("cuda") and os.environ.get("SKETCH_WALK_RERANK_KERNEL", "1") != "0"
-        out["rerank_path"] = "triton kernel" if kernel else "pytorch"
+        # which re-ranking ran: the selector's own rule (the Triton one on the GPU unless turned off)
+        out["rerank_path"] = "triton kernel" if rerank_kernel else "pytorch"
     return out
 
 
