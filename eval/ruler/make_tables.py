@@ -324,12 +324,13 @@ def pooled_selection_table(name, reused="stage2_decode/comparison", depth_length
     the reused rows of ``reused`` on the same prompts: RULER score per cell (n where short of the cell's), the mean
     over cells, and the paired interval of its difference to dense over the samples both have; then the score per
     needle-depth quartile at ``depth_length``."""
-    from eval.ruler.mean_difference import load as load_samples, paired_mean_difference
+    from eval.ruler.mean_difference import paired_mean_difference, scores_by_run
     folders = [reused] + sorted(f"{name}/{f}" for f in os.listdir(path_of(name)) if f.startswith("comparison"))
     samples, records = {}, []
     for folder in folders:
-        samples.update(load_samples(path_of(samples_path(folder))))
-        records += list(sample_records(samples_path(folder)))
+        folder_records = list(sample_records(samples_path(folder)))
+        samples.update(scores_by_run(folder_records))
+        records += folder_records
     cells = sorted({cell for run in samples.values() for cell in run}, key=lambda c: (int(c[1]), c[0]))
     print(f"\n{name} beside {reused}: RULER score per cell (n where short); mean over cells; Δ vs dense [paired 95%]\n")
     print("| method | " + " | ".join(f"{t} @ {fmt_len(int(n))}" for t, n in cells) + " | mean | Δ vs dense |")

@@ -24,14 +24,18 @@ from collections import defaultdict
 from typing import Dict, List, Tuple
 
 
-def load(path: str) -> Dict[str, Dict[Tuple[str, str], Dict[Tuple[int, str], float]]]:
-    """{run: {(task, length): {(index, sha256): score_all}}}"""
+def scores_by_run(records) -> Dict[str, Dict[Tuple[str, str], Dict[Tuple[int, str], float]]]:
+    """{run: {(task, length): {(index, sha256): score_all}}} of a comparison's per-sample records."""
     out: Dict = defaultdict(lambda: defaultdict(dict))
-    with gzip.open(path, "rt") as f:
-        for line in f:
-            r = json.loads(line)
-            out[r["run"]][(r["task"], str(r["length"]))][(r["index"], r.get("input_sha256"))] = float(r["score_all"])
+    for r in records:
+        out[r["run"]][(r["task"], str(r["length"]))][(r["index"], r.get("input_sha256"))] = float(r["score_all"])
     return out
+
+
+def load(path: str) -> Dict[str, Dict[Tuple[str, str], Dict[Tuple[int, str], float]]]:
+    """:func:`scores_by_run` of a samples.jsonl.gz."""
+    with gzip.open(path, "rt") as f:
+        return scores_by_run(json.loads(line) for line in f)
 
 
 def paired_mean_difference(base, run, resamples: int = 10000, seed: int = 0):
